@@ -1,0 +1,33 @@
+# The two commands a new user needs (see README.md):
+#   make demo   set up .venv and run the default self-play demo on the CPU
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test test-all bench setup clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/alphareason train --config configs/countdown_tiny.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/alphareason bench model --out benchmarks/results/model.json
+	$(VENV)/bin/alphareason bench search --out benchmarks/results/search.json
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,186 @@
+"""Experiment configs: Python files under ``configs/`` with ``get_config()``.
+
+``load_config("configs/countdown_tiny.py", ["train.steps=200"])`` loads the
+file, applies ``key=value`` overrides (the command line's
+``--config.train.steps=200``) and checks the result. Unknown keys are refused
+with the list of valid ones; values are parsed as Python literals and must
+keep the type of the default.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+# Sections of every config:
+# Sections:
+#   task      which task and its options (passed to ``alphareason.tasks.get_task``)
+#   data      dataset sizes, seed and demonstration kind (TFDS, array_record)
+#   model     the transformer (``alphareason.model.ModelConfig``)
+#   train     supervised warm start (SFT): optimizer, steps, logging, checkpoints
+#   eval      held-out evaluation after training / every iteration
+#   search    mctx search over reasoning steps
+#   selfplay  the AlphaZero loop: iterations, episodes, replay, learner
+
+
+def default_config() -> ConfigDict:
+    """Defaults shared by every experiment config (see the module docstring of configs/*)."""
+    c = ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    c.task = ConfigDict()
+    c.task.name = "countdown"
+    c.task.options = ConfigDict(
+        {"num_numbers": 4, "max_number": 99, "min_target": 10, "max_target": 100,
+         "use_all": True, "tool": "calculator"})
+
+    c.data = ConfigDict()
+    c.data.train_size = 20_000
+    c.data.validation_size = 200
+    c.data.test_size = 200
+    c.data.demonstrations = "solutions"  # or "traces" (Stream of Search)
+    c.data.negatives_per_problem = 0.5
+    c.data.data_dir = ""  # default: <workdir>/data
+    c.data.exclude_file = ""  # JSONL of problems never to train on
+
+    c.model = ConfigDict()
+    c.model.d_model = 128
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.d_ff = 512
+    c.model.positions = "rope"
+    c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmul inputs, f32 accumulation/params
+    c.model.max_len = 0  # 0: derived from the task's prompt and step sizes
+
+    c.train = ConfigDict()
+    c.train.steps = 2000
+    c.train.batch_size = 64
+    c.train.learning_rate = 2e-3
+    c.train.warmup_steps = 100
+    c.train.weight_decay = 0.01
+    c.train.grad_clip = 1.0
+    c.train.policy_weight = 1.0
+    c.train.value_weight = 0.5
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+
+    c.eval = ConfigDict()
+    c.eval.split = "validation"
+    c.eval.num_problems = 100
+    c.eval.batch_size = 100
+    c.eval.temperature = 0.7
+    c.eval.samples = 8
+
+    c.search = ConfigDict()
+    c.search.policy = "gumbel"  # or "puct"
+    c.search.num_simulations = 16
+    c.search.num_candidates = 8
+    c.search.candidate_temperature = 1.0
+    c.search.candidates = "sample"  # or "enumerate" (task's legal-step generator)
+    c.search.length_normalize = False
+    c.search.max_num_considered_actions = 8
+    c.search.gumbel_scale = 1.0
+    c.search.pb_c_init = 1.25
+    c.search.dirichlet_alpha = 0.3
+    c.search.dirichlet_fraction = 0.25
+    c.search.action_temperature = 1.0  # 0: argmax of visits
+
+    c.selfplay = ConfigDict()
+    c.selfplay.algorithm = "alphazero"  # "alphazero" | "expert_iteration" | "sft_only"
+    c.selfplay.iterations = 4
+    c.selfplay.episodes_per_iteration = 256
+    c.selfplay.actor_batch_size = 64
+    c.selfplay.replay_capacity = 8192
+    c.selfplay.learner_steps = 100
+    c.selfplay.learner_batch_size = 64
+    c.selfplay.learning_rate = 5e-4
+    c.selfplay.policy_weight = 1.0
+    c.selfplay.value_weight = 1.0
+    c.selfplay.sft_weight = 0.0
+    c.selfplay.value_target = "outcome"  # "outcome" | "search_q"
+    c.selfplay.eval_simulations = 16
+    return c
+
+
+class ConfigError(ValueError):
+    """A config the project cannot run; the message names the key and the fix."""
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+        known = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+        raise ConfigError(f"config file {path} does not exist; available in configs/: {', '.join(known)}")
+    spec = importlib.util.spec_from_file_location(f"alphareason_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config() function")
+    config = module.get_config()
+    apply_overrides(config, overrides)
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # bare strings: --config.search.policy=puct
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+    for item in overrides:
+        item = item[len("--config."):] if item.startswith("--config.") else item
+        item = item[len("config."):] if item.startswith("config.") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.steps=200)")
+        key, raw = item.split("=", 1)
+        parts = key.split(".")
+        node = config
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = ".".join(parts[:depth]) or "config"
+                valid = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+                raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r}; "
+                                  f"valid keys there: {', '.join(valid)}")
+            if depth < len(parts) - 1:
+                node = node[part]
+        old = node[parts[-1]]
+        value = _parse_value(raw)
+        if isinstance(old, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and not isinstance(old, ConfigDict) and type(value) is not type(old):
+            if not (isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
+                raise ConfigError(f"config key {key!r} is a {type(old).__name__} (default {old!r}); "
+                                  f"got {raw!r}")
+        with node.unlocked() if hasattr(node, "unlocked") else _null():
+            node[parts[-1]] = value
+    return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ConfigDict:
+    return ConfigDict(json.loads(text))

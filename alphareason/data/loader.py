@@ -1,0 +1,112 @@
+"""Loaders: TFDS array_record splits -> fixed-shape numpy batches.
+
+``encode_example`` turns one record (prompt, chain of thought, solved) into
+token ids and the masks the losses need; ``BatchIterator`` walks a split in a
+seeded order, one epoch after another, and its whole state is one integer
+(``position``) so a resumed run reads exactly the batches it would have read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from alphareason import tokenizer as tok
+from alphareason.tasks import Task
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A TFDS record (bytes for text) -> python dict with ``problem`` parsed."""
+    return {
+        "problem": json.loads(_text(record["problem"])),
+        "prompt": _text(record["prompt"]),
+        "text": _text(record["text"]),
+        "solved": bool(int(record["solved"])),
+        "difficulty": int(record["difficulty"]),
+    }
+
+
+def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: int) -> dict[str, np.ndarray]:
+    """One chain of thought -> arrays of length ``seq_len``.
+
+    Returns:
+      tokens: int32[T]: BOS prompt text EOS, PAD after.
+      targets_mask: float32[T]: 1 where ``tokens[t]`` is a policy target (a
+        model-written character of ``text`` or the EOS); 0 for BOS, prompt,
+        PAD, tool-written characters, and everywhere for unsolved examples.
+      value_target: float32[]: 1 if solved else 0.
+      value_mask: float32[T]: 1 from the prompt's last token to the last
+        token of the text (positions whose value estimate is trained).
+    """
+    prompt_ids = tok.encode(prompt, bos=True)
+    text_ids = tok.encode(text)
+    total = len(prompt_ids) + len(text_ids) + 1
+    if total > seq_len:
+        raise ValueError(
+            f"a chain of thought needs {total} tokens but the sequence length is {seq_len}; "
+            f"raise --config.model.max_len (or data.seq_len) or use shorter demonstrations")
+    tokens = np.full((seq_len,), tok.PAD, np.int32)
+    tokens[: len(prompt_ids)] = prompt_ids
+    start = len(prompt_ids)
+    tokens[start: start + len(text_ids)] = text_ids
+    tokens[start + len(text_ids)] = tok.EOS
+    targets_mask = np.zeros((seq_len,), np.float32)
+    if solved:
+        model_written = ~task.tool_mask(text)
+        targets_mask[start: start + len(text_ids)] = model_written
+        targets_mask[start + len(text_ids)] = 1.0
+    value_mask = np.zeros((seq_len,), np.float32)
+    value_mask[start - 1: start + len(text_ids)] = 1.0
+    return {"tokens": tokens, "targets_mask": targets_mask,
+            "value_target": np.float32(solved), "value_mask": value_mask}
+
+
+def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class BatchIterator:
+    """Seeded, resumable iteration over a random-access source of records.
+
+    Example ``i`` of the stream is record ``perm_e[i % n]`` of epoch
+    ``e = i // n``, with ``perm_e`` a permutation drawn from ``(seed, e)``.
+    ``position`` (examples consumed) is the complete state.
+    """
+
+    def __init__(self, source, task: Task, *, batch_size: int, seq_len: int, seed: int, position: int = 0):
+        if len(source) == 0:
+            raise ValueError("the training split is empty; set data.train_size > 0")
+        self.source, self.task = source, task
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.position = position
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, i: int) -> int:
+        n = len(self.source)
+        epoch = i // n
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        return int(self._perm[i % n])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples = []
+        for i in range(self.position, self.position + self.batch_size):
+            rec = decode_record(self.source[self._index(i)])
+            examples.append(encode_example(self.task, rec["prompt"], rec["text"], rec["solved"], self.seq_len))
+        self.position += self.batch_size
+        return collate(examples)
+
+
+def load_records(source) -> list[dict[str, Any]]:
+    """All records of a (small) split, decoded."""
+    return [decode_record(source[i]) for i in range(len(source))]

@@ -1,0 +1,159 @@
+"""The task interface: what every reasoning task provides.
+
+A task owns everything that is specific to one kind of problem and nothing
+else (no models, no search):
+
+* a seeded problem generator with difficulty levels, and validation of
+  problems read from files (JSON objects, one per line);
+* the text format: the prompt and the chain of thought, one reasoning step per
+  line (every step ends with a newline, which the tokenizer maps to ``SEP``);
+* a reference solver giving a shortest solution and a depth-first search trace
+  with backtracking (Stream-of-Search style demonstrations);
+* an exact verifier in Python, ``verify(problem, text) -> Verdict``;
+* a jittable JAX step transition over token arrays that agrees with
+  ``verify``: ``step(state, step_tokens) -> (state, valid, done, reward)``;
+* optionally a tool (the calculator) whose output tokens are written by the
+  environment instead of the model.
+
+Text conventions (shared by all tasks):
+
+* ``prompt(problem)`` ends with ``"\\n"``; the model sees
+  ``BOS + prompt + steps + EOS``.
+* A solution text is the steps, each ending with ``"\\n"``.
+* A step that is exactly ``"#"`` (search traces only) undoes the previous
+  step: the verifier and the JAX transition go back one state.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+Problem = dict[str, Any]  # JSON-serialisable; the problem file format
+TaskState = dict[str, Any]  # pytree of fixed-shape arrays, see ``init_state``
+
+
+class ProblemError(ValueError):
+    """A problem (from a file or from code) that the task cannot accept.
+
+    The message names where the problem came from (``where``, e.g.
+    ``"problems.jsonl line 3"``), what is wrong and how to fix it.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The verifier's judgement of one chain of thought.
+
+    Attributes:
+      solved: the text is a complete, correct solution.
+      reason: human-readable; names the first bad step (1-based) and why, or
+        says why the text is incomplete, or confirms the solution.
+      num_valid_steps: steps accepted before the first bad one.
+      answer: the final result the text arrives at (``None`` if none), for
+        majority voting.
+    """
+
+    solved: bool
+    reason: str
+    num_valid_steps: int = 0
+    answer: int | None = None
+
+
+class Task(abc.ABC):
+    """Base class of all tasks. Subclasses are constructed by ``get_task``."""
+
+    name: str
+    #: Static shapes, used by the model, search and data code.
+    max_steps: int  # steps in the longest solution the transition accepts
+    max_step_len: int  # S: tokens in one step including the trailing SEP
+    max_prompt_len: int  # tokens of BOS + prompt (including its SEP)
+    tool: str | None = None  # "calculator" or None
+    num_difficulties: int = 1
+
+    # ---------------------------------------------------------------- problems
+    @abc.abstractmethod
+    def generate(self, seed: int, n: int, *, difficulty: int | None = None,
+                 exclude: Iterable[Problem] = ()) -> list[Problem]:
+        """``n`` distinct solvable problems, deterministic for ``seed``.
+
+        ``difficulty`` in ``range(num_difficulties)`` restricts to one level;
+        problems equal to one in ``exclude`` never appear.
+        """
+
+    @abc.abstractmethod
+    def difficulty(self, problem: Problem) -> int:
+        """The difficulty level of a problem, in ``range(num_difficulties)``."""
+
+    @abc.abstractmethod
+    def validate_problem(self, obj: Mapping[str, Any], *, where: str = "problem") -> Problem:
+        """Checks a parsed JSON object; returns the canonical problem or raises ``ProblemError``."""
+
+    def problem_key(self, problem: Problem) -> tuple:
+        """Hashable identity used for de-duplication and exclusion lists."""
+        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in problem.items()))
+
+    # -------------------------------------------------------------------- text
+    @abc.abstractmethod
+    def prompt(self, problem: Problem) -> str:
+        """The prompt text; ends with a newline."""
+
+    @abc.abstractmethod
+    def solve(self, problem: Problem) -> str | None:
+        """A shortest solution text (steps, each ending in newline), or None if unsolvable."""
+
+    @abc.abstractmethod
+    def search_trace(self, problem: Problem, *, max_steps: int | None = None) -> str:
+        """A depth-first search trace with ``#`` backtracking lines, ending solved if possible."""
+
+    @abc.abstractmethod
+    def verify(self, problem: Problem, text: str) -> Verdict:
+        """Exact verdict on a chain of thought (text after the prompt)."""
+
+    def tool_mask(self, text: str) -> np.ndarray:
+        """bool[len(text)]: True where the tool (not the model) wrote the character.
+
+        Without a tool every entry is False.
+        """
+        return np.zeros((len(text),), bool)
+
+    # --------------------------------------------------------------- JAX side
+    @abc.abstractmethod
+    def init_state(self, problem: Problem) -> TaskState:
+        """The transition's start state as numpy arrays of fixed shapes (a pytree)."""
+
+    @abc.abstractmethod
+    def step(self, state: TaskState, step_tokens):
+        """Jittable transition of ONE problem (vmap for batches).
+
+        Args:
+          state: a pytree as returned by ``init_state`` (or by ``step``).
+          step_tokens: int32[S] with S = ``max_step_len``: one step's tokens,
+            ending in SEP and padded with PAD after it.
+        Returns:
+          (new_state, valid: bool[], done: bool[], reward: float32[]).
+          An invalid step is terminal with reward 0. ``done`` with reward 1
+          means solved. A step after ``done`` is invalid.
+        """
+
+    def tool_output(self, state: TaskState, step_tokens, length):
+        """Jittable: tokens the tool writes after the model wrote ``=``.
+
+        Args:
+          state: the task state before this step.
+          step_tokens: int32[S], the step so far (``length`` tokens, the last
+            one being ``=``), PAD after.
+        Returns:
+          (forced: int32[F], count: int32[]) with F = ``tool_output_len``: the
+          result's characters followed by SEP, then PAD.
+        """
+        raise NotImplementedError(f"task {self.name!r} has no tool")
+
+    tool_output_len: int = 0
+
+    def legal_steps(self, state: TaskState):
+        """Optional jittable legal-step generator: (int32[K, S], bool[K])."""
+        raise NotImplementedError(f"task {self.name!r} has no legal-step generator")

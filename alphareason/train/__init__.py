@@ -1,0 +1,1 @@
+"""Training: SFT warm start, self-play actors, replay, learner losses, the AlphaZero loop."""

@@ -1,0 +1,87 @@
+"""Orbax checkpoints: one directory per step, written atomically.
+
+A checkpoint holds named items, each a pytree of arrays saved with
+``StandardSave`` (``state``: the model and optimizer as pure dicts; the
+self-play loop adds ``replay`` and ``rng``), plus ``meta``: a JSON dict
+(step, data position, phase, ...). Any subset of the items can be restored,
+so loading a model for evaluation does not read the replay buffer.
+
+Orbax writes into a temporary directory and renames it when complete, so a
+run killed mid-save (or a full disk) leaves the previous checkpoint intact;
+half-written temporaries are cleaned up when the manager is next opened.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or cannot be read; the message says where and what to do."""
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` with clear errors."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.fspath(directory))
+        os.makedirs(self.directory, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], **items: Any) -> None:
+        """Saves ``state`` (and extra named ``items``) synchronously; returns once complete."""
+        trees = {"state": state, **items}
+        args = {name: ocp.args.StandardSave(jax.device_get(tree)) for name, tree in trees.items()}
+        self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores item ``state`` of ``step`` (default: the latest) into ``abstract_state``'s structure."""
+        items, meta = self.restore_items({"state": abstract_state}, step)
+        return items["state"], meta
+
+    def restore_items(self, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict]:
+        """Restores the named items (a subset of those saved) and the metadata."""
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise CheckpointError(
+                f"no checkpoint found in {self.directory}; train first "
+                f"(`alphareason train --workdir ...`) or point --workdir at a run that has one")
+        args = {name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+                for name, tree in abstract_items.items()}
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+        except Exception as e:  # orbax raises many types for unreadable files
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
+                f"{str(e)[:300]}). It may be corrupt or from an incompatible config: delete "
+                f"{os.path.join(self.directory, str(step))} to fall back to an earlier step, or use a new "
+                f"--workdir") from e
+        return {name: restored[name] for name in abstract_items}, dict(restored["meta"])
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"metadata of checkpoint step {step} in {self.directory} cannot be read: {e}") from e
+        return dict(restored["meta"])
+
+    def close(self) -> None:
+        self._manager.close()
