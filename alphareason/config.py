@@ -108,6 +108,8 @@ def default_config() -> ConfigDict:
     c.selfplay.sft_weight = 0.0
     c.selfplay.value_target = "outcome"  # "outcome" | "search_q"
     c.selfplay.eval_simulations = 16
+    c.selfplay.action_temperature = 1.0  # moves sampled from the search policy (0: argmax)
+    c.selfplay.curriculum = False  # easy problems first, by the task's difficulty levels
     return c
 
 

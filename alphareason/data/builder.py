@@ -133,10 +133,27 @@ def examples_for(task: Task, problem: Problem, spec: DataSpec, split: str,
     if split == "train":
         count = int(spec.negatives_per_problem) + (rng.random() < spec.negatives_per_problem % 1)
         for _ in range(count):
-            negative = task.negative_example(problem, rng)
+            negative = negative_example(task, problem, demo, rng)
             if negative is not None and not task.verify(problem, negative).solved:
                 out.append((negative, False))
     return out
+
+
+def negative_example(task: Task, problem: Problem, demo: str, rng: np.random.Generator) -> str | None:
+    """A chain of thought that does not solve ``problem``, for the value head.
+
+    Uses the task's ``random_walk`` (legal steps chosen at random, usually a
+    dead end) when it has one; otherwise corrupts one digit of the solution.
+    """
+    walk = getattr(task, "random_walk", None)
+    if walk is not None:
+        return walk(problem, rng)
+    digits = [i for i, ch in enumerate(demo) if ch.isdigit()]
+    if not digits:
+        return None
+    i = digits[int(rng.integers(len(digits)))]
+    new = str((int(demo[i]) + int(rng.integers(1, 10))) % 10)
+    return demo[:i] + new + demo[i + 1:]
 
 
 def build_dataset(spec: DataSpec, data_dir: str | os.PathLike) -> ReasoningDataset:

@@ -22,6 +22,15 @@ Text conventions (shared by all tasks):
 * A solution text is the steps, each ending with ``"\\n"``.
 * A step that is exactly ``"#"`` (search traces only) undoes the previous
   step: the verifier and the JAX transition go back one state.
+* Lines are the text split on ``"\\n"``; a trailing empty piece is ignored, so
+  a missing final newline is accepted (``split_steps``). Every line is one
+  step; an empty line is an invalid step.
+* A chain ends (``done``) when it is solved, when it reaches a dead end (a
+  state with no way forward that is not solved, e.g. the last remaining
+  number is not the target), or at an invalid step. A dead end is reached by
+  valid steps (reward 0) and a following ``"#"`` is valid and reopens the
+  previous state; after a solved or invalid step every further step is
+  invalid.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ class Task(abc.ABC):
     max_steps: int  # steps in the longest solution the transition accepts
     max_step_len: int  # S: tokens in one step including the trailing SEP
     max_prompt_len: int  # tokens of BOS + prompt (including its SEP)
+    max_trace_steps: int  # steps (lines) in the longest ``search_trace``
     tool: str | None = None  # "calculator" or None
     num_difficulties: int = 1
 
@@ -136,7 +146,9 @@ class Task(abc.ABC):
         Returns:
           (new_state, valid: bool[], done: bool[], reward: float32[]).
           An invalid step is terminal with reward 0. ``done`` with reward 1
-          means solved. A step after ``done`` is invalid.
+          means solved. A step after ``done`` is invalid, except ``"#"``
+          after a dead end (``done`` by a valid step with reward 0), which
+          reopens the previous state.
         """
 
     def tool_output(self, state: TaskState, step_tokens, length):
@@ -157,3 +169,36 @@ class Task(abc.ABC):
     def legal_steps(self, state: TaskState):
         """Optional jittable legal-step generator: (int32[K, S], bool[K])."""
         raise NotImplementedError(f"task {self.name!r} has no legal-step generator")
+
+    def negative_example(self, problem: Problem, rng: np.random.Generator) -> str | None:
+        """Optional: a chain of thought that does not solve ``problem`` (for value targets)."""
+        return None
+
+
+def split_steps(text: str) -> list[str]:
+    """The steps (lines) of a chain of thought; a trailing empty line is ignored.
+
+    ``"13-9=4\\n10-4=6\\n"`` and ``"13-9=4\\n10-4=6"`` both give two steps;
+    ``""`` gives none and ``"\\n"`` one empty (invalid) step.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def int_option(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """Checks a task option is an integer in ``[low, high]``; raises ``ValueError`` naming it."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if ok:
+        value = int(value)
+        ok = value >= low and (high is None or value <= high)
+    if not ok:
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"option {name}={value!r} is invalid: it must be an integer in {allowed}")
+    return value
+
+
+def is_integer(value: Any) -> bool:
+    """True for JSON integers; bools, floats (even ``24.0``) and strings are not integers."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

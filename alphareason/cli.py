@@ -1,0 +1,323 @@
+"""The ``alphareason`` command: parses flags and configs, calls the libraries.
+
+  alphareason train  --config configs/countdown_tiny.py --workdir runs/demo [--config.train.steps=200]
+  alphareason eval   --workdir DIR [--problems FILE.jsonl] --strategy greedy|sample|mcts [--out results.jsonl]
+  alphareason verify --task countdown FILE.jsonl
+  alphareason search --workdir DIR --numbers 4 9 10 13 --target 24 [--json tree.json]
+  alphareason data build --task countdown --size N [--data-dir DIR]
+  alphareason tree tree.json [--html out.html] [--svg out.svg]
+  alphareason bench model|search|selfplay --out FILE.json
+
+Errors a user can cause are printed as one clear line (exit status 2), not as
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from alphareason.config import ConfigError
+
+
+class UsageError(Exception):
+    """A mistake in the command line, input files or workdir: printed without a traceback."""
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    for a in argv:
+        (overrides if a.startswith("--config.") else rest).append(a)
+    return rest, overrides
+
+
+def _task_options(pairs: Sequence[str]) -> dict:
+    import ast
+    out = {}
+    for p in pairs or ():
+        if "=" not in p:
+            raise UsageError(f"--option {p!r} must look like name=value (e.g. num_numbers=4)")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def _workdir_config(workdir: str, overrides: Sequence[str] = ()):
+    from alphareason.config import apply_overrides, from_json
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UsageError(f"{workdir} has no config.json: it is not a training run directory. Train first with "
+                         f"`alphareason train --config configs/countdown_tiny.py --workdir {workdir}`")
+    with open(path) as f:
+        config = from_json(f.read())
+    return apply_overrides(config, overrides)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_train(args, overrides) -> int:
+    from alphareason.config import load_config
+    from alphareason.train.loop import run_training
+    config = load_config(args.config, overrides)
+    run_training(config, args.workdir, progress=not args.no_progress)
+    return 0
+
+
+def _eval_settings(config, args):
+    from alphareason.search.env import EnvConfig
+    from alphareason.search.evaluate import EvalSettings
+    from alphareason.search.mcts import SearchConfig
+    s = config.search
+    env = EnvConfig(num_candidates=s.num_candidates, candidates=s.candidates, temperature=s.candidate_temperature,
+                    length_normalize=s.length_normalize)
+    search = SearchConfig(policy=args.policy or s.policy, num_simulations=args.simulations or s.num_simulations,
+                          max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
+                          pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
+                          dirichlet_fraction=s.dirichlet_fraction)
+    return EvalSettings(strategy=args.strategy, samples=args.samples, temperature=args.temperature,
+                        batch_size=args.batch_size, env=env, search=search)
+
+
+def heldout_problems(config, workdir: str, split: str = "validation"):
+    from alphareason.data import build_dataset, load_records
+    from alphareason.train.sft import data_dir, make_data_spec
+    builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
+    return [r["problem"] for r in load_records(builder.as_data_source(split=split))]
+
+
+def cmd_eval(args, overrides) -> int:
+    import jax
+    from alphareason.search.evaluate import Evaluator, format_table, summary, write_results
+    from alphareason.tasks import read_problems
+    from alphareason.train.sft import load_model
+    config = _workdir_config(args.workdir, overrides)
+    model, task, meta = load_model(config, args.workdir)
+    if args.problems:
+        problems = read_problems(args.problems, task)
+        source = args.problems
+    else:
+        problems = heldout_problems(config, args.workdir, args.split)
+        source = f"held-out {args.split} split"
+    if args.limit:
+        problems = problems[: args.limit]
+    evaluator = Evaluator(model, task, _eval_settings(config, args))
+    rows = evaluator.run(problems, jax.random.key(args.seed))
+    title = (f"{args.strategy} on {len(problems)} problems from {source} "
+             f"(checkpoint: {meta.get('phase', '?')} step {meta.get('step', '?')})")
+    print(format_table(rows, title=title))
+    if args.out:
+        write_results(rows, args.out)
+        print(f"wrote {len(rows)} results to {args.out}")
+    print(json.dumps(summary(rows)))
+    return 0
+
+
+def cmd_verify(args, overrides) -> int:
+    from alphareason.tasks import ProblemError, get_task
+    task = get_task(args.task, **_task_options(args.option))
+    failures, claimed_failures, total = 0, 0, 0
+    with open(args.file) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            total += 1
+            where = f"{args.file} line {line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object")
+            if "problem" not in obj or "solution" not in obj:
+                raise UsageError(f"{where}: needs fields 'problem' and 'solution' (the format `alphareason eval "
+                                 f"--out` writes); found {sorted(obj)}")
+            try:
+                problem = task.validate_problem(obj["problem"], where=where)
+            except ProblemError as e:
+                raise UsageError(str(e))
+            verdict = task.verify(problem, obj["solution"])
+            claimed = obj.get("solved")
+            mark = "ok  " if verdict.solved else "FAIL"
+            if not verdict.solved:
+                failures += 1
+                if claimed:
+                    claimed_failures += 1
+                    mark = "LIED"
+            print(f"{line_no:>5} {mark} {task.prompt(problem).strip():<24} {verdict.reason}")
+    print(f"{total} lines: {total - failures} solved, {failures} not solved, "
+          f"{claimed_failures} claimed solved but failed verification")
+    return 1 if claimed_failures else 0
+
+
+def cmd_search(args, overrides) -> int:
+    import jax
+    import numpy as np
+    from alphareason.search.mcts import Searcher
+    from alphareason.search.tree import export_tree
+    from alphareason.tasks import ProblemError
+    from alphareason.train.sft import load_model
+    from alphareason.viz.text import format_tree
+    config = _workdir_config(args.workdir, overrides)
+    model, task, _ = load_model(config, args.workdir)
+    try:
+        problem = task.validate_problem({"numbers": list(args.numbers), "target": args.target},
+                                        where="--numbers/--target")
+    except ProblemError as e:
+        raise UsageError(str(e))
+    settings = _eval_settings(config, argparse.Namespace(
+        strategy="mcts", samples=1, temperature=0.7, batch_size=1, policy=args.policy, simulations=args.simulations))
+    from flax import nnx
+    graphdef, params = nnx.split(model)
+    searcher = Searcher(task, graphdef, settings.env, settings.search, seq_len=model.config.max_len, keep_tree=True)
+    from alphareason.search.episodes import EpisodeRunner
+    runner = EpisodeRunner(searcher)
+    key = jax.random.key(args.seed)
+    inputs = jax.tree.map(jax.numpy.asarray, searcher.env.initial([problem]))
+    first = searcher(params, jax.random.fold_in(jax.random.fold_in(key, 0), 0)[None], inputs)
+    tree = export_tree(first, 0, task=task, problem=problem, policy=settings.search.policy)
+    episode = runner.run(params, [problem], key, record=False)
+    verdict = episode.verdicts[0]
+    print(f"problem: {task.prompt(problem).strip()}   policy: {settings.search.policy}, "
+          f"{settings.search.num_simulations} simulations per move")
+    print("solution:")
+    print("  " + (episode.texts[0].rstrip("\n").replace("\n", "\n  ") or "(no steps)"))
+    print(f"verdict: {'SOLVED' if verdict.solved else 'not solved'} - {verdict.reason}")
+    print(f"compute: {int(episode.token_forwards[0])} model token forwards")
+    print("\nfirst search tree (top levels):")
+    print(format_tree(tree, depth=args.depth))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(tree, f, indent=1)
+        print(f"wrote the tree to {args.json} (view it: alphareason tree {args.json} --html tree.html)")
+    return 0 if verdict.solved else 1
+
+
+def cmd_tree(args, overrides) -> int:
+    from alphareason.viz.cli import tree_main
+    return tree_main(args.path, html=args.html, svg=args.svg, dot=args.dot, depth=args.depth)
+
+
+def cmd_data(args, overrides) -> int:
+    from alphareason.data import build_dataset, make_spec
+    from alphareason.tasks import get_task, read_problems
+    task_options = _task_options(args.option)
+    exclude = ()
+    if args.exclude:
+        exclude = tuple(json.dumps(p, sort_keys=True) for p in read_problems(args.exclude, get_task(args.task, **task_options)))
+    spec = make_spec(args.task, task_options, train_size=args.size, validation_size=args.heldout,
+                     test_size=args.heldout, seed=args.seed, demonstrations=args.demonstrations, exclude=exclude)
+    builder = build_dataset(spec, args.data_dir)
+    for split, info in builder.info.splits.items():
+        print(f"{split:>10}: {info.num_examples} examples")
+    print(f"written to {builder.data_dir}")
+    return 0
+
+
+def cmd_bench(args, overrides) -> int:
+    if args.what == "model":
+        from alphareason.bench.model_bench import run_model_bench
+        result = run_model_bench(args.out)
+    elif args.what == "search":
+        from alphareason.bench.search_bench import run_search_bench
+        result = run_search_bench(args.out, quick=args.quick)
+    else:
+        from alphareason.bench.selfplay_bench import run_selfplay_bench
+        result = run_selfplay_bench(args.out, overrides=overrides)
+    print(json.dumps(result, indent=1, default=str)[:4000])
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alphareason", description=__doc__.split("\n")[0],
+                                epilog="Config overrides: --config.SECTION.KEY=VALUE (e.g. --config.train.steps=200)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="SFT warm start, then AlphaZero self-play iterations (resumable)")
+    t.add_argument("--config", default="configs/countdown_tiny.py")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate the newest checkpoint of a run")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--problems", help="JSONL problem file (default: the held-out split)")
+    e.add_argument("--split", default="validation", choices=["validation", "test"])
+    e.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "mcts"])
+    e.add_argument("--samples", type=int, default=8)
+    e.add_argument("--temperature", type=float, default=0.7)
+    e.add_argument("--simulations", type=int, default=0, help="MCTS simulations per move (default: config)")
+    e.add_argument("--policy", choices=["gumbel", "puct"], default=None)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="results JSONL (one line per problem)")
+    e.set_defaults(fn=cmd_eval)
+
+    v = sub.add_parser("verify", help="re-check the solutions in a results file with the exact verifier")
+    v.add_argument("--task", required=True)
+    v.add_argument("--option", action="append", help="task option name=value (repeatable)")
+    v.add_argument("file")
+    v.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("search", help="search one problem and show the tree")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--numbers", type=int, nargs="+", required=True)
+    s.add_argument("--target", type=int, required=True)
+    s.add_argument("--simulations", type=int, default=0)
+    s.add_argument("--policy", choices=["gumbel", "puct"], default=None)
+    s.add_argument("--depth", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", help="write the first move's search tree as JSON")
+    s.set_defaults(fn=cmd_search)
+
+    tr = sub.add_parser("tree", help="show a saved search tree; write HTML / SVG / DOT")
+    tr.add_argument("path")
+    tr.add_argument("--html")
+    tr.add_argument("--svg")
+    tr.add_argument("--dot")
+    tr.add_argument("--depth", type=int, default=2)
+    tr.set_defaults(fn=cmd_tree)
+
+    d = sub.add_parser("data", help="build datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    db = dsub.add_parser("build", help="build a TFDS (array_record) dataset of problems and demonstrations")
+    db.add_argument("--task", required=True)
+    db.add_argument("--option", action="append", help="task option name=value (repeatable)")
+    db.add_argument("--size", type=int, required=True)
+    db.add_argument("--heldout", type=int, default=200, help="problems in each held-out split")
+    db.add_argument("--seed", type=int, default=0)
+    db.add_argument("--demonstrations", default="solutions", choices=["solutions", "traces"])
+    db.add_argument("--exclude", help="JSONL of problems that must not appear")
+    db.add_argument("--data-dir", default="data")
+    db.set_defaults(fn=cmd_data)
+
+    b = sub.add_parser("bench", help="benchmarks that write JSON results")
+    b.add_argument("what", choices=["model", "search", "selfplay"])
+    b.add_argument("--out", required=True)
+    b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    from alphareason.tasks import ProblemError
+    from alphareason.train.checkpoint import CheckpointError
+    try:
+        return args.fn(args, overrides)
+    except (UsageError, ConfigError, ProblemError, CheckpointError, FileNotFoundError) as e:
+        print(f"alphareason {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nalphareason {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

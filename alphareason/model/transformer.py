@@ -1,0 +1,408 @@
+"""The reasoning core: a decoder-only transformer with a policy and a value head.
+
+This module owns the network and its KV cache. Read it top to bottom:
+``ModelConfig`` -> the layers (``RMSNorm``, ``Attention``, ``MLP``, ``Block``)
+-> ``Transformer`` with its three entry points:
+
+- ``model(tokens)``: the full causal forward, used for training;
+- ``model.prefill(tokens, lengths, cache)``: fills a fresh cache from ragged,
+  right-padded prompts;
+- ``model.decode(tokens, cache, active)``: pushes one token per row through
+  the network, reading and extending the cache.
+
+Shapes: ``B`` batch, ``T`` sequence length, ``S`` cache capacity (``T_max``),
+``D`` model width, ``H`` heads, ``Dh = D // H`` head width, ``F`` MLP width,
+``V`` vocabulary, ``L`` layers.
+
+Precision: parameters are always float32. With ``compute_dtype="bfloat16"``
+every matmul casts its two inputs to bfloat16 and accumulates in float32
+(``preferred_element_type``); norms, softmax, the residual stream and the
+outputs stay float32. The KV cache is stored in the compute dtype (the
+attention matmuls would cast it to that dtype anyway, so nothing is lost).
+
+Heads: the policy head is a separate (untied) ``[D, V]`` matrix; the value
+head is a ``[D] -> 1`` linear map whose sigmoid is the probability that the
+chain of thought continued from this position ends solved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from alphareason.tokenizer import VOCAB_SIZE
+
+_INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation scale
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the transformer.
+
+    ``max_len`` is the longest sequence (prompt + chain of thought) the model
+    is built for: it sizes the learned position table and the default cache.
+    """
+
+    vocab_size: int = VOCAB_SIZE
+    max_len: int = 128
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 512
+    positions: Literal["rope", "learned"] = "rope"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                             f"choose num_heads that divides d_model")
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"positions={self.positions!r}; choose 'rope' or 'learned'")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose 'float32' or 'bfloat16'")
+        for name in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def dtype(self):
+        """The jnp dtype of matmul inputs."""
+        return _DTYPES[self.compute_dtype]
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ModelConfig":
+        """The default reasoning core: about 0.8M parameters."""
+        return cls(**{**dict(d_model=128, num_layers=4, num_heads=4, d_ff=512), **overrides})
+
+    @classmethod
+    def micro(cls, **overrides) -> "ModelConfig":
+        """A very small model for unit tests."""
+        return cls(**{**dict(max_len=32, d_model=32, num_layers=2, num_heads=2, d_ff=64), **overrides})
+
+
+# -------------------------------------------------------------- the cache
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far (a pytree).
+
+    Row ``b`` holds positions ``0 .. lengths[b] - 1``; what lies beyond is
+    stale and never attended to. Keys are stored after the rotary embedding.
+    """
+
+    k: jax.Array  # [L, B, S, H, Dh], compute dtype
+    v: jax.Array  # [L, B, S, H, Dh], compute dtype
+    lengths: jax.Array  # int32[B], filled positions per row
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def tile_cache(cache: KVCache, num_copies: int) -> KVCache:
+    """Repeats every row ``num_copies`` times: row ``b`` -> rows ``b*K .. b*K+K-1``.
+
+    Used to sample K candidate steps per problem from one prefill.
+    """
+    return KVCache(k=jnp.repeat(cache.k, num_copies, axis=1),
+                   v=jnp.repeat(cache.v, num_copies, axis=1),
+                   lengths=jnp.repeat(cache.lengths, num_copies, axis=0))
+
+
+# ----------------------------------------------------------------- layers
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """``einsum(spec, x, w)`` with inputs cast to ``dtype`` and float32 accumulation."""
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+_INIT_CHUNK = 1 << 16
+
+
+def normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
+    """A parameter drawn from N(0, std^2).
+
+    The normals are drawn in fixed-size chunks so that one compiled random
+    kernel serves every parameter shape: drawing each shape directly makes
+    eager model creation compile a kernel per shape (seconds on a CPU).
+    Outside a trace the slicing happens in numpy (no compilation at all); the
+    values are the same either way.
+    """
+    key = rngs.params()
+    size = math.prod(shape)
+    chunks = [jax.random.normal(jax.random.fold_in(key, i), (_INIT_CHUNK,), jnp.float32)
+              for i in range(-(-size // _INIT_CHUNK))]
+    try:
+        flat = np.concatenate([np.asarray(c) for c in chunks])
+        return nnx.Param(jnp.asarray(np.float32(std) * flat[:size].reshape(shape)))
+    except jax.errors.TracerArrayConversionError:  # under jit / eval_shape
+        return nnx.Param(np.float32(std) * jnp.concatenate(chunks)[:size].reshape(shape))
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale``, in float32. ``[..., D] -> [..., D]``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.asarray(np.ones((dim,), np.float32)))
+        self.eps = eps
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.scale[...]
+
+
+def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding (rotate-half form). x: [B, T, H, Dh], positions: int32[B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))  # [Dh/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with a fused QKV projection and optional rotary positions."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, dh = config.d_model, config.num_heads, config.head_dim
+        self.qkv = normal(rngs, (d, 3, h, dh), _INIT_STD)  # [D, 3, H, Dh]
+        self.out = normal(rngs, (h, dh, d), _INIT_STD / math.sqrt(2 * config.num_layers))  # [H, Dh, D]
+        self.rope = config.positions == "rope"
+        self.dtype = config.dtype
+
+    def __call__(self, x, positions, mask, kv_cache=None):
+        """One attention sublayer.
+
+        Args:
+          x: [B, T, D] normalised input.
+          positions: int32[B, T] position of each query token (rotary angle).
+          mask: bool[B, T, T_k] which keys each query may attend to.
+          kv_cache: None for a full forward (keys are this call's own ``T``
+            tokens, ``T_k = T``); or ``(k, v, write_at)`` with ``k, v``
+            [B, S, H, Dh] this layer's cache and ``write_at`` int32[B] the
+            slot that receives this call's (single, ``T = 1``) token per row;
+            ``write_at = S`` (out of range) writes nothing for that row.
+            Then ``T_k = S`` and the keys are the updated cache.
+
+        Returns:
+          ``(y [B, T, D], k, v)`` where ``k, v`` are the keys and values
+          attended over: ``[B, T, H, Dh]`` (full) or the updated cache.
+        """
+        qkv = matmul("btd,dkhe->btkhe", x, self.qkv[...], self.dtype)  # [B, T, 3, H, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh] each
+        if self.rope:
+            q, k = rotary(q, positions), rotary(k, positions)
+        if kv_cache is not None:
+            k_cache, v_cache, write_at = kv_cache
+            rows = jnp.arange(x.shape[0])
+            k = k_cache.at[rows, write_at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+            v = v_cache.at[rows, write_at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+        scores = matmul("bqhe,bkhe->bhqk", q, k, self.dtype) / math.sqrt(q.shape[-1])  # [B, H, T, T_k]
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        heads = matmul("bhqk,bkhe->bqhe", probs, v, self.dtype)  # [B, T, H, Dh]
+        return matmul("bqhe,hed->bqd", heads, self.out[...], self.dtype), k, v
+
+
+class MLP(nnx.Module):
+    """``gelu(x W1) W2``: [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.up = normal(rngs, (config.d_model, config.d_ff), _INIT_STD)  # [D, F]
+        self.down = normal(rngs, (config.d_ff, config.d_model), _INIT_STD / math.sqrt(2 * config.num_layers))
+        self.dtype = config.dtype
+
+    def __call__(self, x):
+        h = jax.nn.gelu(matmul("btd,df->btf", x, self.up[...], self.dtype))
+        return matmul("btf,fd->btd", h, self.down[...], self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, kv_cache=None):
+        """x: [B, T, D] -> ``(x [B, T, D], k, v)``; see ``Attention`` for the rest."""
+        y, k, v = self.attn(self.attn_norm(x), positions, mask, kv_cache)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k, v
+
+
+# ------------------------------------------------------------ the network
+class Transformer(nnx.Module):
+    """Decoder-only transformer with a policy (next-token) head and a value head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = normal(rngs, (config.vocab_size, config.d_model), _INIT_STD)  # [V, D]
+        if config.positions == "learned":
+            self.pos_embed = normal(rngs, (config.max_len, config.d_model), _INIT_STD)  # [max_len, D]
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.d_model)
+        self.policy_head = normal(rngs, (config.d_model, config.vocab_size), _INIT_STD)  # [D, V]
+        self.value_head = nnx.Param(jnp.asarray(np.zeros((config.d_model,), np.float32)))  # [D]
+        self.value_bias = nnx.Param(jnp.asarray(np.zeros((), np.float32)))
+
+    # -- pieces shared by the three entry points
+    def _embed(self, tokens, positions):
+        """tokens, positions: int32[B, T] -> [B, T, D] float32."""
+        x = self.embed[...][tokens]
+        if self.config.positions == "learned":
+            x = x + self.pos_embed[...][positions]
+        return x
+
+    def _heads(self, x):
+        """x: [B, T, D] residual stream -> (logits [B, T, V], value_logits [B, T])."""
+        h = self.final_norm(x)
+        logits = matmul("btd,dv->btv", h, self.policy_head[...], self.config.dtype)
+        value_logits = matmul("btd,d->bt", h, self.value_head[...], self.config.dtype) + self.value_bias[...]
+        return logits, value_logits
+
+    def _run_blocks(self, tokens, positions, mask):
+        """Full causal pass over ``T`` tokens: -> (x [B, T, D], keys, values [L, B, T, H, Dh])."""
+        x = self._embed(tokens, positions)
+        keys, values = [], []
+        for block in self.blocks:
+            x, k, v = block(x, positions, mask)
+            keys.append(k)
+            values.append(v)
+        return x, jnp.stack(keys), jnp.stack(values)
+
+    # -- entry points
+    def __call__(self, tokens):
+        """Full causal forward.
+
+        Args:
+          tokens: int32[B, T]; right padding (PAD) does not affect earlier positions.
+        Returns:
+          logits f32[B, T, V] (position t predicts token t+1), value_logits f32[B, T].
+        """
+        batch, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        mask = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, T, T]
+        x, _, _ = self._run_blocks(tokens, positions, mask)
+        return self._heads(x)
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens (default config.max_len)."""
+        c = self.config
+        max_len = c.max_len if max_len is None else max_len
+        if c.positions == "learned" and max_len > c.max_len:
+            raise ValueError(f"cache max_len={max_len} exceeds the learned position table "
+                             f"(config.max_len={c.max_len}); use a shorter cache or a larger max_len")
+        shape = (c.num_layers, batch_size, max_len, c.num_heads, c.head_dim)
+        return KVCache(k=jnp.zeros(shape, c.dtype), v=jnp.zeros(shape, c.dtype),
+                       lengths=jnp.zeros((batch_size,), jnp.int32))
+
+    def prefill(self, tokens, lengths, cache: KVCache):
+        """Fills ``cache`` from scratch with ragged, right-padded prompts.
+
+        The cache's previous contents are overwritten: rows start at position 0.
+
+        Args:
+          tokens: int32[B, T], row b's prompt in ``tokens[b, :lengths[b]]``,
+            anything after it is ignored (T <= cache.max_len).
+          lengths: int32[B], 1 <= lengths[b] <= T.
+          cache: a cache with B rows (e.g. ``init_cache(B)``).
+        Returns:
+          ``(last_logits f32[B, V], last_value_logits f32[B], cache)``: the
+          outputs at position ``lengths[b] - 1`` of each row, and the cache
+          with ``cache.lengths == lengths``.
+        """
+        batch, length = tokens.shape
+        if length > cache.max_len:
+            raise ValueError(f"prefill of {length} tokens does not fit a cache of {cache.max_len}")
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        mask = jnp.tril(jnp.ones((length, length), bool))[None]
+        x, keys, values = self._run_blocks(tokens, positions, mask)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        last = x[jnp.arange(batch), lengths - 1][:, None]  # [B, 1, D]
+        logits, value_logits = self._heads(last)
+        cache = KVCache(k=cache.k.at[:, :, :length].set(keys.astype(cache.k.dtype)),
+                        v=cache.v.at[:, :, :length].set(values.astype(cache.v.dtype)),
+                        lengths=lengths)
+        return logits[:, 0], value_logits[:, 0], cache
+
+    def decode(self, tokens, cache: KVCache, active=None):
+        """Pushes one token per row through the network.
+
+        Row b's token goes to position ``cache.lengths[b]`` and attends to
+        positions ``<= cache.lengths[b]``.
+
+        Args:
+          tokens: int32[B].
+          cache: the cache holding each row's prefix.
+          active: bool[B] or None (all rows). Inactive rows write nothing and
+            keep their length; their outputs are meaningless.
+        Returns:
+          ``(logits f32[B, V], value_logits f32[B], cache)`` with the lengths
+          of active rows increased by one.
+        """
+        batch = tokens.shape[0]
+        active = jnp.ones((batch,), bool) if active is None else jnp.asarray(active, bool)
+        positions = cache.lengths[:, None]  # [B, 1]
+        write_at = jnp.where(active, cache.lengths, cache.max_len)  # out of range: dropped
+        mask = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None]  # [B, 1, S]
+        x = self._embed(tokens[:, None], jnp.minimum(positions, self._max_position()))
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            x, k, v = block(x, positions, mask, (cache.k[layer], cache.v[layer], write_at))
+            keys.append(k)
+            values.append(v)
+        logits, value_logits = self._heads(x)
+        cache = KVCache(k=jnp.stack(keys), v=jnp.stack(values),
+                        lengths=cache.lengths + active.astype(jnp.int32))
+        return logits[:, 0], value_logits[:, 0], cache
+
+    def _max_position(self) -> int:
+        return self.config.max_len - 1
+
+
+# --------------------------------------------------------------- accounting
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` entries)."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters used in matmuls per token: everything except the embedding
+    tables (which are lookups), the norm scales and the value bias."""
+    d, f, L = config.d_model, config.d_ff, config.num_layers
+    return L * (4 * d * d + 2 * d * f) + d * config.vocab_size + d
+
+
+def flops_per_token(config: ModelConfig, context_len: int) -> float:
+    """Forward FLOPs of one token attending to ``context_len`` positions.
+
+    ``2 * matmul_params`` (a multiply-add per weight) plus attention:
+    ``QK^T`` and ``probs @ V`` each cost ``2 * D * context_len`` per layer, so
+    ``4 * L * D * context_len`` (the PaLM convention: in a full causal forward
+    of length T pass ``context_len = T``, since the whole ``T x T`` score
+    matrix is computed). Training costs about three times this (backward ~ 2x
+    forward): ``6 N + 12 L D T``. Norms, softmax and the optimizer are not
+    counted.
+    """
+    return 2.0 * matmul_params(config) + 4.0 * config.num_layers * config.d_model * context_len

@@ -1,0 +1,127 @@
+"""Episodes: solve a batch of problems by searching, stepping, and searching again.
+
+At every move the searcher runs from the current state of each unfinished
+chain of thought; one step is taken (argmax of the search's improved policy,
+or a sample from it at ``action_temperature``) and the search starts afresh
+from the new root (mctx keeps no tree between moves). This continues until
+every chain of thought is terminal or the task's step limit is reached.
+
+Each move is recorded exactly as self-play training needs it
+(``MoveRecord``), and each problem ends with its text, the Python verifier's
+verdict and the compute spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alphareason import tokenizer as tok
+from alphareason.search.mcts import Searcher, SearchResult
+from alphareason.tasks import Problem, Verdict
+
+
+@dataclasses.dataclass
+class MoveRecord:
+    """One move of a batch of episodes (numpy; ``B`` problems, ``K`` candidates)."""
+
+    tokens: np.ndarray  # int32[B, T]: the state (sequence so far)
+    length: np.ndarray  # int32[B]
+    candidates: np.ndarray  # int32[B, K, S]
+    cand_valid: np.ndarray  # bool[B, K]
+    action_weights: np.ndarray  # float32[B, K]: search policy (training target)
+    search_value: np.ndarray  # float32[B]
+    network_value: np.ndarray  # float32[B]
+    action: np.ndarray  # int32[B]: the step taken
+    active: np.ndarray  # bool[B]: the episode was still running at this move
+
+
+@dataclasses.dataclass
+class EpisodeBatch:
+    """The outcome of a batch of episodes."""
+
+    problems: list[Problem]
+    texts: list[str]  # chain of thought after the prompt
+    verdicts: list[Verdict]  # the task's Python verifier on ``texts``
+    solved: np.ndarray  # bool[B]: as judged by the verifier
+    token_forwards: np.ndarray  # int64[B]: model token forwards spent on each problem
+    moves: list[MoveRecord]
+    num_steps: np.ndarray  # int32[B]: steps taken
+
+    def solve_rate(self) -> float:
+        return float(np.mean(self.solved)) if len(self.solved) else 0.0
+
+
+def choose_actions(key, action_weights, active, *, temperature: float):
+    """argmax of ``action_weights`` (temperature 0) or a sample from weights**(1/temperature)."""
+    if temperature <= 0:
+        return jnp.argmax(action_weights, axis=-1).astype(jnp.int32)
+    logits = jnp.log(jnp.maximum(action_weights, 1e-30)) / temperature
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class EpisodeRunner:
+    """Runs episodes with a ``Searcher``; compiled pieces are cached on the instance."""
+
+    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None):
+        self.searcher = searcher
+        self.env = searcher.env
+        self.task = searcher.task
+        self.action_temperature = action_temperature
+        self.max_moves = max_moves or self.task.max_steps
+        self._advance = jax.jit(self._advance_impl)
+
+    def _advance_impl(self, root, action, key, action_weights, inputs):
+        del inputs
+        nxt = self.env.transition(root, action)
+        return {k: nxt[k] for k in ("tokens", "length", "task_state", "done")}, nxt["solved"]
+
+    def run(self, params, problems: list[Problem], key, *, record: bool = True,
+            problem_ids: np.ndarray | None = None) -> EpisodeBatch:
+        """Plays one episode per problem. ``problem_ids`` seed each problem's keys (default 0..B-1)."""
+        B = len(problems)
+        ids = np.arange(B) if problem_ids is None else np.asarray(problem_ids)
+        inputs = jax.tree.map(jnp.asarray, self.env.initial(problems))
+        forwards = np.zeros((B,), np.int64)
+        steps = np.zeros((B,), np.int32)
+        moves: list[MoveRecord] = []
+        done = np.zeros((B,), bool)
+        for move in range(self.max_moves):
+            if done.all():
+                break
+            move_key = jax.random.fold_in(key, move)
+            keys = jax.vmap(lambda i: jax.random.fold_in(move_key, i))(jnp.asarray(ids))
+            result: SearchResult = self.searcher(params, keys, inputs)
+            action = choose_actions(jax.random.fold_in(move_key, -1), result.action_weights, ~done,
+                                    temperature=self.action_temperature)
+            active = ~done
+            forwards += np.where(active, np.asarray(result.token_forwards), 0)
+            if record:
+                moves.append(MoveRecord(
+                    tokens=np.asarray(inputs["tokens"]), length=np.asarray(inputs["length"]),
+                    candidates=np.asarray(result.root.candidates), cand_valid=np.asarray(result.root.cand_valid),
+                    action_weights=np.asarray(result.action_weights), search_value=np.asarray(result.search_value),
+                    network_value=np.asarray(result.network_value), action=np.asarray(action), active=active))
+            inputs, _ = self._advance(result.root, action, move_key, result.action_weights, inputs)
+            steps += active
+            done = np.asarray(inputs["done"])
+        tokens, length = np.asarray(inputs["tokens"]), np.asarray(inputs["length"])
+        return finish_batch(self.task, problems, tokens, length, forwards, moves, steps)
+
+
+def prompt_lengths(task, problems: list[Problem]) -> list[int]:
+    return [len(tok.encode(task.prompt(p), bos=True)) for p in problems]
+
+
+def finish_batch(task, problems, tokens, length, forwards, moves, steps) -> EpisodeBatch:
+    """Decodes the chains of thought and judges them with the Python verifier."""
+    starts = prompt_lengths(task, problems)
+    texts = [tok.decode(tokens[i, starts[i]: length[i]]) for i in range(len(problems))]
+    verdicts = [task.verify(p, t) for p, t in zip(problems, texts)]
+    solved = np.array([v.solved for v in verdicts], bool)
+    return EpisodeBatch(problems=list(problems), texts=texts, verdicts=verdicts, solved=solved,
+                        token_forwards=forwards, moves=moves, num_steps=steps)

@@ -1,0 +1,158 @@
+"""Token-level text helpers for the tasks' jittable step transitions.
+
+Everything here works on ONE step's tokens ``int32[S]`` (vmap for batches) or
+broadcasts over leading axes where said, with vectorised ``jnp`` ops only (no
+loops over S), because the search calls a task's ``step`` B*K times per
+expansion. Numbers are non-negative decimal integers up to ``INT32_MAX``;
+anything larger does not parse, matching the Python verifiers.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from alphareason import tokenizer as tok
+
+INT32_MAX = 2**31 - 1
+HASH = tok.char_id("#")
+PAD, SEP, DIGIT0, EQUALS, PLUS, DIVIDE = tok.PAD, tok.SEP, tok.DIGIT0, tok.EQUALS, tok.PLUS, tok.DIVIDE
+OPS = "+-*/"  # op index i has token PLUS + i (the tokenizer keeps them contiguous)
+assert [tok.char_id(c) for c in OPS] == list(range(PLUS, PLUS + 4))
+_POW10 = np.array([10**k for k in range(10)], np.int32)
+
+
+def num_digits(x):
+    """Decimal digits of non-negative int32 ``x`` (any shape); 0 has one digit."""
+    x = jnp.asarray(x)
+    return 1 + jnp.sum(x[..., None] >= _POW10[1:], axis=-1).astype(jnp.int32)
+
+
+def step_end(step_tokens):
+    """Where one step's text ends.
+
+    Args:
+      step_tokens: int32[S].
+    Returns:
+      (ok: bool[], end: int32[]): ``end`` is the index of the first SEP; ``ok``
+      is False when there is no SEP or a token after it is not PAD.
+    """
+    idx = jnp.arange(step_tokens.shape[-1])
+    is_sep = step_tokens == SEP
+    end = jnp.argmax(is_sep).astype(jnp.int32)
+    ok = jnp.any(is_sep) & jnp.all((idx <= end) | (step_tokens == PAD))
+    return ok, end
+
+
+def is_undo(step_tokens, end):
+    """True when the step text (before ``end``) is exactly ``#``."""
+    return (end == 1) & (step_tokens[0] == HASH)
+
+
+def _parse_number(step_tokens, start, stop):
+    """Value of tokens[start:stop] as a canonical decimal (no leading zero).
+
+    Returns (ok: bool[], value: int32[]); not ok for an empty span, a
+    non-digit, a leading zero or a value above ``INT32_MAX``.
+    """
+    idx = jnp.arange(step_tokens.shape[-1])
+    inside = (idx >= start) & (idx < stop)
+    is_digit = (step_tokens >= DIGIT0) & (step_tokens <= DIGIT0 + 9)
+    digit = jnp.where(is_digit & inside, step_tokens - DIGIT0, 0)
+    place = stop - 1 - idx  # power of ten of each position
+    # Split into the last five digits and the (at most five) before them so
+    # that nothing overflows int32 while checking the bound.
+    lo = jnp.sum(jnp.where(inside & (place < 5), digit * jnp.asarray(_POW10)[jnp.clip(place, 0, 4)], 0))
+    hi = jnp.sum(jnp.where(inside & (place >= 5) & (place < 10),
+                           digit * jnp.asarray(_POW10)[jnp.clip(place - 5, 0, 4)], 0))
+    length = stop - start
+    first = step_tokens[jnp.clip(start, 0, step_tokens.shape[-1] - 1)]
+    ok = ((length >= 1) & (length <= 10) & jnp.all(~inside | is_digit)
+          & ~((length > 1) & (first == DIGIT0))
+          & ((hi < 21474) | ((hi == 21474) & (lo <= 83647))))
+    value = jnp.minimum(hi, 21474) * 100_000 + jnp.minimum(lo, 99_999)
+    return ok, jnp.where(ok, value, 0).astype(jnp.int32)
+
+
+def parse_expression(step_tokens, end, *, with_result: bool):
+    """Parses ``a op b=c`` (``with_result``) or ``a op b`` in tokens[:end].
+
+    Args:
+      step_tokens: int32[S].
+      end: int32[], the number of tokens that make up the expression.
+      with_result: whether ``=c`` follows ``a op b``.
+    Returns:
+      (ok: bool[], a, op, b, c: int32[]) with ``op`` an index into ``OPS``;
+      ``c`` is 0 without ``with_result``. Numbers are canonical decimals
+      (``0`` or no leading zero) up to ``INT32_MAX``; nothing else may appear.
+    """
+    idx = jnp.arange(step_tokens.shape[-1])
+    inside = idx < end
+    op_mask = inside & (step_tokens >= PLUS) & (step_tokens <= DIVIDE)
+    eq_mask = inside & (step_tokens == EQUALS)
+    o = jnp.argmax(op_mask).astype(jnp.int32)
+    e = jnp.argmax(eq_mask).astype(jnp.int32) if with_result else jnp.asarray(end, jnp.int32)
+    ok = (jnp.sum(op_mask) == 1) & (jnp.sum(eq_mask) == (1 if with_result else 0))
+    ok_a, a = _parse_number(step_tokens, 0, o)
+    ok_b, b = _parse_number(step_tokens, o + 1, e)
+    ok = ok & ok_a & ok_b & (e > o)
+    c = jnp.int32(0)
+    if with_result:
+        ok_c, c = _parse_number(step_tokens, e + 1, end)
+        ok = ok & ok_c
+    op = jnp.clip(step_tokens[o] - PLUS, 0, 3).astype(jnp.int32)
+    return ok, a, op, b, c
+
+
+def apply_op(a, op, b):
+    """``a OPS[op] b`` on non-negative int32 values (any matching shapes).
+
+    Returns (ok, result): ok is False for a negative result (``a-b`` with
+    ``a<b``), division by zero, inexact division, or a result above
+    ``INT32_MAX``; result is 0 where not ok.
+    """
+    safe_b = jnp.maximum(b, 1)
+    oks = jnp.stack([a <= INT32_MAX - b,
+                     a >= b,
+                     (b == 0) | (a <= INT32_MAX // safe_b),
+                     (b != 0) & (a % safe_b == 0)])
+    results = jnp.stack([a + b, a - b, a * b, a // safe_b])
+    pick = jnp.arange(4).reshape((4,) + (1,) * jnp.ndim(op)) == op
+    ok = jnp.any(pick & oks, axis=0)
+    result = jnp.sum(jnp.where(pick, results, 0), axis=0)
+    return ok, jnp.where(ok, result, 0).astype(jnp.int32)
+
+
+def _digit_tokens(x, length, pos):
+    """Token of the ``pos``-th digit (from the left) of ``x`` with ``length`` digits."""
+    place = jnp.clip(length - 1 - pos, 0, 9)
+    return DIGIT0 + (x // jnp.asarray(_POW10)[place]) % 10
+
+
+def render_step(a, op, b, c, size: int):
+    """Tokens of ``a op b=c`` + SEP, PAD after: int32[..., size] for [...]-shaped inputs.
+
+    Positions beyond ``size`` are cut off (callers size S for valid steps).
+    """
+    a, op, b, c = (jnp.asarray(v, jnp.int32)[..., None] for v in (a, op, b, c))
+    la, lb, lc = num_digits(a), num_digits(b), num_digits(c)
+    pos = jnp.arange(size)
+    out = jnp.full(jnp.broadcast_shapes(a.shape, (size,)), PAD, jnp.int32)
+    out = jnp.where(pos < la, _digit_tokens(a, la, pos), out)
+    out = jnp.where(pos == la, PLUS + op, out)
+    pb = pos - la - 1
+    out = jnp.where((pb >= 0) & (pb < lb), _digit_tokens(b, lb, pb), out)
+    out = jnp.where(pos == la + 1 + lb, EQUALS, out)
+    pc = pos - la - lb - 2
+    out = jnp.where((pc >= 0) & (pc < lc), _digit_tokens(c, lc, pc), out)
+    out = jnp.where(pos == la + lb + 2 + lc, SEP, out)
+    return out.astype(jnp.int32)
+
+
+def render_number(x, size: int):
+    """Tokens of ``x`` + SEP, PAD after: int32[size]; positions beyond ``size`` are cut off."""
+    x = jnp.asarray(x, jnp.int32)
+    lx = num_digits(x)
+    pos = jnp.arange(size)
+    out = jnp.where(pos < lx, _digit_tokens(x, lx, pos), PAD)
+    return jnp.where(pos == lx, SEP, out).astype(jnp.int32)

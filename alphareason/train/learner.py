@@ -1,0 +1,94 @@
+"""Self-play learner losses: distil the search back into the network.
+
+For a batch of replayed moves (``B`` states, ``K`` candidates, ``S`` tokens
+per step):
+
+* policy: cross-entropy between the search's ``action_weights`` and the
+  softmax over the K candidates of their log-likelihoods under the current
+  network (the same quantity the search uses as its prior; invalid and
+  duplicate candidates are masked). The log-likelihoods come from one
+  prefill of the state and teacher-forced decoding of the candidates through
+  the tiled KV cache (``search.env.score_steps``), so gradients flow through
+  exactly the computation the search runs;
+* value: binary cross-entropy between the value head at the state's last
+  token and the target: the episode's verified outcome (Monte-Carlo return,
+  ``value_target="outcome"``) or the search's root value (``"search_q"``);
+* optional SFT term: next-token cross-entropy on solved trajectories (the
+  expert-iteration / ReST / STaR signal).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from alphareason.model import tile_cache
+from alphareason.search.env import NEG_INF, after_equals, score_steps
+from alphareason.train.losses import sft_loss
+
+VALUE_TARGETS = ("outcome", "search_q")
+
+
+def candidate_logits(model, tokens, length, candidates, cand_valid, *, tool: bool, length_normalize: bool):
+    """Prior logits over candidates under ``model`` (as in the search) and the state's value logit.
+
+    Args:
+      tokens: int32[B, T], length: int32[B]: the states.
+      candidates: int32[B, K, S]; cand_valid: bool[B, K].
+    Returns:
+      (logits float32[B, K] with masked entries at NEG_INF, value_logits float32[B]).
+    """
+    B, K, S = candidates.shape
+    cache = model.init_cache(B, tokens.shape[1])
+    logits, value_logits, cache = model.prefill(tokens, length, cache)
+    flat = candidates.reshape(B * K, S)
+    tool_mask = after_equals(flat) if tool else jnp.zeros(flat.shape, bool)
+    logprob, _ = score_steps(model, tile_cache(cache, K), jnp.repeat(logits, K, axis=0), flat, tool_mask)
+    logprob = logprob.reshape(B, K)
+    if length_normalize:
+        written = jnp.sum((flat != 0) & ~tool_mask, axis=-1).reshape(B, K)
+        logprob = logprob / jnp.maximum(written, 1)
+    return jnp.where(cand_valid, logprob, NEG_INF), value_logits
+
+
+def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, value_weight: float = 1.0,
+                  sft_weight: float = 0.0, value_target: str = "outcome", tool: bool = False,
+                  length_normalize: bool = False):
+    """Total loss and metrics for one learner batch.
+
+    ``batch`` holds the replay fields (``tokens, length, candidates,
+    cand_valid, action_weights, search_value, outcome``) and, when
+    ``sft_weight > 0``, ``sft``: a batch in the SFT format
+    (``tokens, targets_mask, value_target, value_mask``).
+    """
+    if value_target not in VALUE_TARGETS:
+        raise ValueError(f"selfplay.value_target={value_target!r}; choose one of {VALUE_TARGETS}")
+    metrics = {}
+    loss = jnp.float32(0.0)
+    if policy_weight or value_weight:
+        logits, value_logits = candidate_logits(model, batch["tokens"], batch["length"], batch["candidates"],
+                                                batch["cand_valid"], tool=tool, length_normalize=length_normalize)
+        weights = batch["action_weights"] * batch["cand_valid"]
+        has_target = jnp.sum(weights, -1) > 0
+        target = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-9)
+        log_pi = jax.nn.log_softmax(logits, axis=-1)
+        per_row = -jnp.sum(jnp.where(batch["cand_valid"], target * log_pi, 0.0), axis=-1)
+        policy_loss = jnp.sum(jnp.where(has_target, per_row, 0.0)) / jnp.maximum(jnp.sum(has_target), 1)
+        pi = jnp.exp(log_pi)
+        entropy = -jnp.sum(jnp.where(batch["cand_valid"], pi * log_pi, 0.0), axis=-1)
+        vt = batch["outcome"] if value_target == "outcome" else jnp.clip(batch["search_value"], 0.0, 1.0)
+        value_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(value_logits, vt))
+        value_prob = jax.nn.sigmoid(value_logits)
+        loss = loss + policy_weight * policy_loss + value_weight * value_loss
+        metrics.update(policy_loss=policy_loss, value_loss=value_loss, policy_entropy=jnp.mean(entropy),
+                       value_brier=jnp.mean((value_prob - batch["outcome"]) ** 2),
+                       target_agreement=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(target, -1)))
+    if sft_weight and "sft" in batch:
+        sft, sft_metrics = sft_loss(model, batch["sft"], policy_weight=1.0, value_weight=0.0)
+        loss = loss + sft_weight * sft
+        metrics["sft_loss"] = sft_metrics["policy_loss"]
+    metrics["loss"] = loss
+    return loss, metrics

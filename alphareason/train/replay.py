@@ -1,0 +1,126 @@
+"""Replay: a fixed-capacity ring buffer of self-play moves and solved trajectories.
+
+Each move stored is exactly what the learner needs: the state (token
+sequence), the K candidate steps with their validity, the search's
+``action_weights`` (policy target), the search value, and the episode's
+outcome (value target). Solved trajectories (the full chain of thought of an
+episode that the verifier accepted) are kept in a second ring for the SFT /
+expert-iteration term.
+
+The buffer is plain numpy arrays plus two counters, saved as one item of
+every self-play checkpoint, so a resumed run has exactly the same replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from alphareason import tokenizer as tok
+from alphareason.search.episodes import EpisodeBatch
+
+MOVE_FIELDS = ("tokens", "length", "candidates", "cand_valid", "action_weights", "search_value",
+               "outcome", "action")
+
+
+class ReplayBuffer:
+    """``capacity`` moves and ``capacity // 4`` solved trajectories, oldest overwritten first."""
+
+    def __init__(self, capacity: int, *, seq_len: int, num_candidates: int, step_len: int):
+        if capacity <= 0:
+            raise ValueError(f"selfplay.replay_capacity must be > 0, got {capacity}")
+        C, T, K, S = capacity, seq_len, num_candidates, step_len
+        self.capacity = C
+        self.moves = {
+            "tokens": np.zeros((C, T), np.int32), "length": np.ones((C,), np.int32),
+            "candidates": np.zeros((C, K, S), np.int32), "cand_valid": np.zeros((C, K), bool),
+            "action_weights": np.zeros((C, K), np.float32), "search_value": np.zeros((C,), np.float32),
+            "outcome": np.zeros((C,), np.float32), "action": np.zeros((C,), np.int32),
+        }
+        self.traj_capacity = max(1, C // 4)
+        self.trajectories = {"tokens": np.zeros((self.traj_capacity, T), np.int32),
+                             "prompt_length": np.ones((self.traj_capacity,), np.int32),
+                             "length": np.ones((self.traj_capacity,), np.int32)}
+        self.counters = np.zeros((4,), np.int64)  # move insert, move size, traj insert, traj size
+
+    @property
+    def size(self) -> int:
+        return int(self.counters[1])
+
+    @property
+    def num_trajectories(self) -> int:
+        return int(self.counters[3])
+
+    def add_episodes(self, batch: EpisodeBatch, *, prompt_lengths: list[int]) -> int:
+        """Adds every active move of ``batch`` (outcome = the verifier's verdict). Returns moves added."""
+        outcome = batch.solved.astype(np.float32)
+        added = 0
+        for move in batch.moves:
+            rows = np.nonzero(move.active)[0]
+            for r in rows:
+                self._put_move({"tokens": move.tokens[r], "length": move.length[r],
+                                "candidates": move.candidates[r], "cand_valid": move.cand_valid[r],
+                                "action_weights": move.action_weights[r], "search_value": move.search_value[r],
+                                "outcome": outcome[r], "action": move.action[r]})
+                added += 1
+        if batch.moves:
+            final_tokens, final_length = _final_sequences(batch)
+            for r in np.nonzero(batch.solved)[0]:
+                self._put_traj(final_tokens[r], prompt_lengths[r], final_length[r])
+        return added
+
+    def _put_move(self, item: dict[str, Any]) -> None:
+        i = int(self.counters[0] % self.capacity)
+        for k, v in item.items():
+            self.moves[k][i] = v
+        self.counters[0] += 1
+        self.counters[1] = min(self.counters[1] + 1, self.capacity)
+
+    def _put_traj(self, tokens, prompt_length, length) -> None:
+        i = int(self.counters[2] % self.traj_capacity)
+        self.trajectories["tokens"][i] = tokens
+        self.trajectories["prompt_length"][i] = prompt_length
+        self.trajectories["length"][i] = length
+        self.counters[2] += 1
+        self.counters[3] = min(self.counters[3] + 1, self.traj_capacity)
+
+    def sample_moves(self, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
+        if self.size == 0:
+            raise ValueError("the replay buffer is empty: self-play produced no moves")
+        idx = rng.integers(0, self.size, size=batch_size)
+        return {k: v[idx] for k, v in self.moves.items()}
+
+    def sample_trajectories(self, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray] | None:
+        if self.num_trajectories == 0:
+            return None
+        idx = rng.integers(0, self.num_trajectories, size=batch_size)
+        return {k: v[idx] for k, v in self.trajectories.items()}
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"moves": dict(self.moves), "trajectories": dict(self.trajectories), "counters": self.counters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.moves = {k: np.asarray(v) for k, v in state["moves"].items()}
+        self.trajectories = {k: np.asarray(v) for k, v in state["trajectories"].items()}
+        self.counters = np.asarray(state["counters"], np.int64).copy()
+
+
+def _final_sequences(batch: EpisodeBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The token sequence each episode ended with: last recorded state + the step taken from it."""
+    T = batch.moves[0].tokens.shape[1]
+    B = len(batch.problems)
+    tokens = np.zeros((B, T), np.int32)
+    length = np.zeros((B,), np.int32)
+    for move in batch.moves:
+        for r in np.nonzero(move.active)[0]:
+            step = move.candidates[r, move.action[r]]
+            n = int(np.sum(step != tok.PAD))
+            seq = move.tokens[r].copy()
+            start = int(move.length[r])
+            seq[start: start + n] = step[:n]
+            if start + n < T:
+                seq[start + n] = tok.EOS  # the SFT term also teaches the model to stop
+            tokens[r], length[r] = seq, start + n
+    return tokens, length
