@@ -4,6 +4,8 @@ Everything runs jitted (through ``nnx.split`` / ``nnx.merge``, as the search
 does); eager op-by-op execution would spend most of the time compiling.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +27,22 @@ def make_model(seed=0, **overrides) -> Transformer:
     return model
 
 
-def jitted(model, fn):
-    """``fn(model, *args)`` jitted over the split model state."""
-    graphdef, state = nnx.split(model)
-    compiled = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))
-    return lambda *args: compiled(state, *args)
+# Jitted entry points over the split model, shared by the tests so that each
+# (model structure, shapes) pair compiles once.
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def prefill(graphdef, state, tokens, lengths, cache_len):
+    model = nnx.merge(graphdef, state)
+    return model.prefill(tokens, lengths, model.init_cache(tokens.shape[0], cache_len))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode(graphdef, state, tokens, cache, active):
+    return nnx.merge(graphdef, state).decode(tokens, cache, active)
 
 
 def random_tokens(seed, shape):
@@ -73,7 +86,7 @@ def test_bfloat16_is_mixed_precision(rope_model):
     model16 = Transformer(ModelConfig.micro(compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
     nnx.update(model16, nnx.state(rope_model, nnx.Param))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model16, nnx.Param)))
-    tokens = random_tokens(1, (2, 9))
+    tokens = random_tokens(1, (3, 16))
     dots16 = list(_dot_generals(jax.make_jaxpr(lambda t: model16(t))(tokens).jaxpr))
     assert len(dots16) >= 6 * 2 + 2  # qkv, scores, probs@v, out, up, down per layer; two heads
     for eqn in dots16:
@@ -81,18 +94,17 @@ def test_bfloat16_is_mixed_precision(rope_model):
         assert eqn.params["preferred_element_type"] == jnp.float32
     for eqn in _dot_generals(jax.make_jaxpr(lambda t: rope_model(t))(tokens).jaxpr):
         assert [v.aval.dtype for v in eqn.invars] == [jnp.float32, jnp.float32]
-    l32, v32 = jitted(rope_model, lambda m, t: m(t))(tokens)
-    l16, v16 = jitted(model16, lambda m, t: m(t))(tokens)
-    assert l16.dtype == v16.dtype == jnp.float32 and l16.shape == (2, 9, VOCAB_SIZE) and v16.shape == (2, 9)
+    l32, v32 = forward(*nnx.split(rope_model), tokens)
+    l16, v16 = forward(*nnx.split(model16), tokens)
+    assert l16.dtype == v16.dtype == jnp.float32 and l16.shape == (3, 16, VOCAB_SIZE) and v16.shape == (3, 16)
     err = float(jnp.max(jnp.abs(l32 - l16)))
     assert 0 < err < 0.05 * float(jnp.max(jnp.abs(l32)))
 
 
 def test_right_padding_does_not_change_earlier_positions(rope_model):
-    forward = jitted(rope_model, lambda m, t: m(t))
-    tokens = random_tokens(2, (2, 10))
-    l1, v1 = forward(tokens)
-    l2, v2 = forward(tokens.at[:, 6:].set(PAD))
+    tokens = random_tokens(2, (3, 16))
+    l1, v1 = forward(*nnx.split(rope_model), tokens)
+    l2, v2 = forward(*nnx.split(rope_model), tokens.at[:, 6:].set(PAD))
     np.testing.assert_allclose(l1[:, :6], l2[:, :6], atol=1e-5)
     np.testing.assert_allclose(v1[:, :6], v2[:, :6], atol=1e-5)
     assert float(jnp.max(jnp.abs(l1[:, 6:] - l2[:, 6:]))) > 1e-2
@@ -100,74 +112,80 @@ def test_right_padding_does_not_change_earlier_positions(rope_model):
 
 def test_cached_decoding_equals_full_forward(model):
     """Ragged prefill then decode steps (one with an inactive row) == the full forward."""
+    graphdef, state = nnx.split(model)
     batch, prompt_len, num_steps = 3, 6, 5
-    seq = random_tokens(3, (batch, 14))
+    seq = random_tokens(3, (batch, 16))
     lengths = jnp.array([3, 6, 4], jnp.int32)
-    actives = np.ones((num_steps, batch), bool)
-    actives[2, 1] = False  # row 1 sits out step 2
-
-    def run(m, seq, lengths, actives):
-        # Garbage (not PAD) after each row's prompt: it must be ignored.
-        prompt = jnp.where(jnp.arange(prompt_len)[None] < lengths[:, None], seq[:, :prompt_len], 7)
-        logits, values, cache = m.prefill(prompt, lengths, m.init_cache(batch, 16))
-        outs = [(logits, values)]
-        for step in range(num_steps):
-            token = seq[jnp.arange(batch), cache.lengths]
-            logits, values, cache = m.decode(token, cache, actives[step])
-            outs.append((logits, values))
-        return outs, cache, m(seq)
-
-    outs, cache, (full_logits, full_values) = jitted(model, run)(seq, lengths, actives)
-    assert isinstance(cache, KVCache)
+    # Garbage (not PAD) after each row's prompt: it must be ignored.
+    prompt = jnp.where(jnp.arange(prompt_len)[None] < lengths[:, None], seq[:, :prompt_len], 7)
+    logits, values, cache = prefill(graphdef, state, prompt, lengths, 16)
+    full_logits, full_values = forward(graphdef, state, seq)
     pos = np.asarray(lengths) - 1
-    for step, (logits, values) in enumerate(outs):
-        active = np.ones(batch, bool) if step == 0 else actives[step - 1]
+    active = np.ones(batch, bool)
+    for step in range(num_steps + 1):
         rows = np.flatnonzero(active)
         np.testing.assert_allclose(logits[rows], full_logits[rows, pos[rows]], atol=1e-5)
         np.testing.assert_allclose(values[rows], full_values[rows, pos[rows]], atol=1e-5)
-        if step < num_steps:
-            pos = pos + actives[step]
-    np.testing.assert_array_equal(cache.lengths, np.asarray(lengths) + actives.sum(0))
+        if step == num_steps:
+            break
+        active = np.array([True, step != 2, True])  # row 1 sits out step 2
+        token = seq[jnp.arange(batch), cache.lengths]
+        logits, values, cache = decode(graphdef, state, token, cache, active)
+        pos = pos + active
+    assert isinstance(cache, KVCache)
+    np.testing.assert_array_equal(cache.lengths, np.asarray(lengths) + [5, 4, 5])
     # The outputs really differ between positions, so the comparison above can fail.
     assert float(jnp.min(jnp.max(jnp.abs(full_logits[:, 1:] - full_logits[:, :-1]), axis=-1))) > 1e-2
     assert float(jnp.min(jnp.abs(full_values[:, 1:] - full_values[:, :-1]))) > 1e-4
 
 
 def test_decode_leaves_inactive_rows_untouched(rope_model):
-    seq = random_tokens(4, (3, 8))
-
-    def run(m, seq):
-        _, _, cache = m.prefill(seq[:, :5], jnp.array([5, 2, 4]), m.init_cache(3, 8))
-        _, _, new = m.decode(seq[:, 5], cache, jnp.array([True, False, True]))
-        return cache, new
-
-    cache, new = jitted(rope_model, run)(seq)
+    graphdef, state = nnx.split(rope_model)
+    seq = random_tokens(4, (3, 16))
+    _, _, cache = prefill(graphdef, state, seq[:, :6], jnp.array([5, 2, 4]), 16)
+    _, _, new = decode(graphdef, state, seq[:, 6], cache, jnp.array([True, False, True]))
     np.testing.assert_array_equal(new.lengths, [6, 2, 5])
     np.testing.assert_array_equal(new.k[:, 1], cache.k[:, 1])
     np.testing.assert_array_equal(new.v[:, 1], cache.v[:, 1])
     assert not np.array_equal(new.k[:, 0], cache.k[:, 0])
 
 
+def test_jit_through_split_and_merge_inside_one_function(rope_model):
+    """The search's pattern: split once, merge inside a jitted function."""
+    graphdef, state = nnx.split(rope_model)
+    seq = random_tokens(5, (3, 16))
+    lengths = jnp.array([4, 6, 1], jnp.int32)
+
+    @jax.jit
+    def run(state, seq, lengths):
+        m = nnx.merge(graphdef, state)
+        logits, values, cache = m.prefill(seq[:, :6], lengths, m.init_cache(3, 16))
+        logits, values, cache = m.decode(seq[jnp.arange(3), cache.lengths], cache)
+        return logits, values, cache
+
+    logits, values, cache = run(state, seq, lengths)
+    full_logits, full_values = forward(graphdef, state, seq)
+    np.testing.assert_allclose(logits, full_logits[jnp.arange(3), lengths], atol=1e-5)
+    np.testing.assert_allclose(values, full_values[jnp.arange(3), lengths], atol=1e-5)
+    np.testing.assert_array_equal(cache.lengths, lengths + 1)
+
+
 def test_tile_cache(rope_model):
-    seq = random_tokens(6, (2, 6))
-    tokens = jnp.array([5, 9], jnp.int32)
-
-    def run(m, seq):
-        _, _, cache = m.prefill(seq, jnp.array([3, 6]), m.init_cache(2, 8))
-        tiled = tile_cache(cache, 3)
-        ref, _, _ = m.decode(tokens, cache)
-        out, _, _ = m.decode(jnp.repeat(tokens, 3), tiled)
-        return cache, tiled, ref, out
-
-    cache, tiled, ref, out = jitted(rope_model, run)(seq)
-    assert tiled.k.shape == (2, 6, 8, 2, 16)
-    np.testing.assert_array_equal(tiled.lengths, [3, 3, 3, 6, 6, 6])
-    for b in range(2):
-        for j in range(3):
-            np.testing.assert_array_equal(tiled.k[:, b * 3 + j], cache.k[:, b])
-            np.testing.assert_array_equal(tiled.v[:, b * 3 + j], cache.v[:, b])
+    graphdef, state = nnx.split(rope_model)
+    seq = random_tokens(6, (3, 16))
+    _, _, cache = prefill(graphdef, state, seq[:, :6], jnp.array([3, 6, 2]), 16)
+    tiled = tile_cache(cache, 2)
+    assert tiled.k.shape == (2, 6, 16, 2, 16)
+    np.testing.assert_array_equal(tiled.lengths, [3, 3, 6, 6, 2, 2])
+    for b in range(3):
+        for j in range(2):
+            np.testing.assert_array_equal(tiled.k[:, b * 2 + j], cache.k[:, b])
+            np.testing.assert_array_equal(tiled.v[:, b * 2 + j], cache.v[:, b])
     # Decoding on the tiled cache continues each copy from its source row.
-    np.testing.assert_allclose(out, jnp.repeat(ref, 3, axis=0), atol=1e-6)
+    tokens = jnp.array([5, 9, 11], jnp.int32)
+    ref, _, _ = decode(graphdef, state, tokens, cache, jnp.ones(3, bool))
+    out, _, _ = decode(graphdef, state, jnp.repeat(tokens, 2), tiled, jnp.ones(6, bool))
+    np.testing.assert_allclose(out, jnp.repeat(ref, 2, axis=0), atol=1e-6)
 
 
 def test_config_errors_name_the_value():

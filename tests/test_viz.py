@@ -29,6 +29,15 @@ def node_by_id(tree: dict, node_id: int) -> dict:
     return next(n for n in viz.iter_nodes(tree) if n["id"] == node_id)
 
 
+def with_parents(tree: dict):
+    """Yields (node, parent) pairs, depth first."""
+    stack = [(tree["root"], None)]
+    while stack:
+        node, parent = stack.pop()
+        yield node, parent
+        stack.extend((c, node) for c in reversed(node["children"]))
+
+
 class _NodeCollector(html.parser.HTMLParser):
     """Collects the attributes and step text of every `li.node` in a page."""
 
@@ -187,6 +196,28 @@ def test_prior_allows_float32_round_off():
     viz.load_tree(tree)
 
 
+def test_unvisited_children_may_share_mctx_unvisited_id():
+    tree = small_tree()
+    node_by_id(tree, 5)["id"] = -1
+    node_by_id(tree, 16)["id"] = -1  # as mctx exports them: no node index yet
+    viz.load_tree(tree)
+    page = viz.to_html(tree)
+    assert 'id="t0-u1_2"' in page and 'id="t0-u0_3"' in page
+    text = viz.to_dot(tree)
+    assert "  n1 -> u1_2;" in text and "  n0 -> u0_3;" in text
+    node_by_id(tree, 7)["id"] = -1
+    with pytest.raises(ValueError, match=r"field 'id': is -1 but the node has 1 visits. Fix: negative ids"):
+        viz.load_tree(tree)
+
+
+def test_sibling_actions_must_differ():
+    tree = small_tree()
+    node_by_id(tree, 9)["action"] = 0
+    with pytest.raises(ValueError, match=r"node root.children\[0\].children\[0\] \(id 3\) field 'children': "
+                                         r"children \[0\] and \[1\] both have action 0"):
+        viz.load_tree(tree)
+
+
 def test_a_json_list_is_not_a_tree(tmp_path):
     path = tmp_path / "list.json"
     path.write_text("[1, 2]")
@@ -259,11 +290,11 @@ def test_html_is_self_contained():
 def test_html_has_every_node_with_its_step_and_visits(path):
     tree = viz.load_tree(path)
     dom = parse_page(viz.to_html(tree))
-    by_id = {int(n["data-node-id"]): n for n in dom.nodes}
-    assert len(dom.nodes) == len(by_id) == len(list(viz.iter_nodes(tree)))
-    for node in viz.iter_nodes(tree):
-        li = by_id[node["id"]]
-        assert li["id"] == f"t0-n{node['id']}"
+    by_element_id = {n["id"]: n for n in dom.nodes}
+    assert len(dom.nodes) == len(by_element_id) == len(list(viz.iter_nodes(tree)))
+    for node, parent in with_parents(tree):
+        li = by_element_id["t0-" + tree_io.node_key(node, parent)]
+        assert int(li["data-node-id"]) == node["id"]
         assert int(li["data-visits"]) == node["visits"]
         assert li["data-step"] == node["step"]
         assert li["step_text"] == (node["step"] or "root")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from alphareason.model.transformer import KVCache, Transformer
-from alphareason.tokenizer import EOS, EQUALS, PAD, SEP
+from alphareason.tokenizer import BOS, EOS, EQUALS, PAD, SEP
 
 # tool_fn(step_tokens int32[B, S], length int32[B]) -> (forced int32[B, F], count int32[B])
 ToolFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -64,7 +64,11 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
 
 
 def choose_tokens(logits, key, *, temperature=1.0, top_p=1.0, greedy=False) -> jax.Array:
-    """logits f32[B, V] -> int32[B]: argmax, or a temperature + top-p sample."""
+    """logits f32[B, V] -> int32[B]: argmax, or a temperature + top-p sample.
+
+    PAD and BOS are never chosen: they are not text a step can contain.
+    """
+    logits = logits.at[:, jnp.array([PAD, BOS])].set(-jnp.inf)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / temperature
@@ -87,8 +91,9 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
       key: PRNG key; the same key gives the same samples.
       max_step_len: S, the most tokens a step may take; a row that reaches S
         tokens without SEP/EOS is truncated (``stopped`` False).
-      temperature, top_p, greedy: how tokens are chosen. The returned
-        ``logprob`` is always under the untempered distribution.
+      temperature, top_p, greedy: how tokens are chosen (never PAD or BOS).
+        The returned ``logprob`` is always under the untempered, unfiltered
+        model distribution (the full softmax over the vocabulary).
       tool_fn: optional ``(step_tokens int32[B, S], length int32[B]) ->
         (forced int32[B, F], count int32[B])``, called every iteration. When a
         row's last model-chosen token is ``=`` (``tokenizer.EQUALS``), its next

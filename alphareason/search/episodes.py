@@ -96,7 +96,7 @@ class EpisodeRunner:
             move_key = jax.random.fold_in(key, move)
             keys = jax.vmap(lambda i: jax.random.fold_in(move_key, i))(jnp.asarray(ids))
             result: SearchResult = self.searcher(params, keys, inputs)
-            action = choose_actions(jax.random.fold_in(move_key, -1), result.action_weights, ~done,
+            action = choose_actions(jax.random.fold_in(move_key, 1 << 30), result.action_weights, ~done,
                                     temperature=self.action_temperature)
             active = ~done
             forwards += np.where(active, np.asarray(result.token_forwards), 0)

@@ -28,6 +28,12 @@ def num_digits(x):
     return 1 + jnp.sum(x[..., None] >= _POW10[1:], axis=-1).astype(jnp.int32)
 
 
+def _first(mask):
+    """Index of the first True along the last axis (its size when there is none)."""
+    size = mask.shape[-1]
+    return jnp.min(jnp.where(mask, jnp.arange(size), size), axis=-1).astype(jnp.int32)
+
+
 def step_end(step_tokens):
     """Where one step's text ends.
 
@@ -37,10 +43,9 @@ def step_end(step_tokens):
       (ok: bool[], end: int32[]): ``end`` is the index of the first SEP; ``ok``
       is False when there is no SEP or a token after it is not PAD.
     """
-    idx = jnp.arange(step_tokens.shape[-1])
-    is_sep = step_tokens == SEP
-    end = jnp.argmax(is_sep).astype(jnp.int32)
-    ok = jnp.any(is_sep) & jnp.all((idx <= end) | (step_tokens == PAD))
+    size = step_tokens.shape[-1]
+    end = _first(step_tokens == SEP)
+    ok = (end < size) & jnp.all((jnp.arange(size) <= end) | (step_tokens == PAD))
     return ok, end
 
 
@@ -49,26 +54,34 @@ def is_undo(step_tokens, end):
     return (end == 1) & (step_tokens[0] == HASH)
 
 
-def _parse_number(step_tokens, start, stop):
-    """Value of tokens[start:stop] as a canonical decimal (no leading zero).
+def parse_numbers(step_tokens, starts, stops):
+    """Values of the spans tokens[starts[k]:stops[k]] as canonical decimals.
 
-    Returns (ok: bool[], value: int32[]); not ok for an empty span, a
-    non-digit, a leading zero or a value above ``INT32_MAX``.
+    Args:
+      step_tokens: int32[S].
+      starts, stops: int32[k].
+    Returns:
+      (ok: bool[k], value: int32[k]); not ok for an empty span, a non-digit,
+      a leading zero or a value above ``INT32_MAX`` (value 0 then).
     """
-    idx = jnp.arange(step_tokens.shape[-1])
-    inside = (idx >= start) & (idx < stop)
+    size = step_tokens.shape[-1]
+    idx = jnp.arange(size)
+    starts, stops = starts[:, None], stops[:, None]
+    inside = (idx >= starts) & (idx < stops)  # [k, S]
     is_digit = (step_tokens >= DIGIT0) & (step_tokens <= DIGIT0 + 9)
-    digit = jnp.where(is_digit & inside, step_tokens - DIGIT0, 0)
-    place = stop - 1 - idx  # power of ten of each position
-    # Split into the last five digits and the (at most five) before them so
-    # that nothing overflows int32 while checking the bound.
-    lo = jnp.sum(jnp.where(inside & (place < 5), digit * jnp.asarray(_POW10)[jnp.clip(place, 0, 4)], 0))
-    hi = jnp.sum(jnp.where(inside & (place >= 5) & (place < 10),
-                           digit * jnp.asarray(_POW10)[jnp.clip(place - 5, 0, 4)], 0))
-    length = stop - start
-    first = step_tokens[jnp.clip(start, 0, step_tokens.shape[-1] - 1)]
-    ok = ((length >= 1) & (length <= 10) & jnp.all(~inside | is_digit)
-          & ~((length > 1) & (first == DIGIT0))
+    digit = jnp.where(is_digit, step_tokens - DIGIT0, 0)
+    place = stops - 1 - idx  # power of ten of each position
+    # The last five digits (lo) and the at most five before them (hi): nothing
+    # overflows int32 while checking the bound.
+    low = place < 5
+    weight = jnp.asarray(_POW10)[jnp.clip(jnp.where(low, place, place - 5), 0, 4)]
+    term = jnp.where(inside & (place < 10), digit * weight, 0)
+    lo = jnp.sum(jnp.where(low, term, 0), axis=-1)
+    hi = jnp.sum(jnp.where(low, 0, term), axis=-1)
+    length = (stops - starts)[:, 0]
+    first = step_tokens[jnp.clip(starts[:, 0], 0, size - 1)]
+    ok = ((length >= 1) & (length <= 10) & jnp.all(~inside | is_digit, axis=-1)
+          & ((length == 1) | (first != DIGIT0))
           & ((hi < 21474) | ((hi == 21474) & (lo <= 83647))))
     value = jnp.minimum(hi, 21474) * 100_000 + jnp.minimum(lo, 99_999)
     return ok, jnp.where(ok, value, 0).astype(jnp.int32)
@@ -86,22 +99,20 @@ def parse_expression(step_tokens, end, *, with_result: bool):
       ``c`` is 0 without ``with_result``. Numbers are canonical decimals
       (``0`` or no leading zero) up to ``INT32_MAX``; nothing else may appear.
     """
-    idx = jnp.arange(step_tokens.shape[-1])
-    inside = idx < end
+    inside = jnp.arange(step_tokens.shape[-1]) < end
     op_mask = inside & (step_tokens >= PLUS) & (step_tokens <= DIVIDE)
     eq_mask = inside & (step_tokens == EQUALS)
-    o = jnp.argmax(op_mask).astype(jnp.int32)
-    e = jnp.argmax(eq_mask).astype(jnp.int32) if with_result else jnp.asarray(end, jnp.int32)
-    ok = (jnp.sum(op_mask) == 1) & (jnp.sum(eq_mask) == (1 if with_result else 0))
-    ok_a, a = _parse_number(step_tokens, 0, o)
-    ok_b, b = _parse_number(step_tokens, o + 1, e)
-    ok = ok & ok_a & ok_b & (e > o)
-    c = jnp.int32(0)
-    if with_result:
-        ok_c, c = _parse_number(step_tokens, e + 1, end)
-        ok = ok & ok_c
-    op = jnp.clip(step_tokens[o] - PLUS, 0, 3).astype(jnp.int32)
-    return ok, a, op, b, c
+    o = _first(op_mask)
+    e = _first(eq_mask) if with_result else jnp.asarray(end, jnp.int32)
+    ok = (jnp.sum(op_mask) == 1) & (jnp.sum(eq_mask) == (1 if with_result else 0)) & (e > o)
+    starts = jnp.stack([jnp.int32(0), o + 1, e + 1])
+    stops = jnp.stack([o, e, jnp.asarray(end, jnp.int32)])
+    count = 3 if with_result else 2
+    oks, values = parse_numbers(step_tokens, starts[:count], stops[:count])
+    ok = ok & jnp.all(oks)
+    c = values[2] if with_result else jnp.int32(0)
+    op = jnp.clip(step_tokens[jnp.clip(o, 0, step_tokens.shape[-1] - 1)] - PLUS, 0, 3).astype(jnp.int32)
+    return ok, values[0], op, values[1], c
 
 
 def apply_op(a, op, b):

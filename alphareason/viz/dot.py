@@ -36,7 +36,7 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _node_attrs(node: Mapping[str, Any], is_root: bool) -> dict[str, str]:
+def _node_attrs(node: Mapping[str, Any], name: str, is_root: bool) -> dict[str, str]:
     verdict = tree_io.verdict(node)
     step = "root" if is_root else node["step"]
     stats = f"N={node['visits']}"
@@ -45,7 +45,7 @@ def _node_attrs(node: Mapping[str, Any], is_root: bool) -> dict[str, str]:
     lines = [step, stats]
     if verdict:
         lines.append(verdict)
-    attrs = {"label": "\n".join(lines), "id": f"n{node['id']}"}
+    attrs = {"label": "\n".join(lines), "id": name}
     styles = ["rounded", "filled"]
     fill, color = "white", "#6b7280"
     if verdict == "solved":
@@ -86,12 +86,13 @@ def to_dot(tree: Mapping[str, Any], *, min_visits: int = 0) -> str:
     stack: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = [(tree["root"], None)]
     while stack:
         node, parent = stack.pop()
-        attrs = _node_attrs(node, parent is None)
+        name = tree_io.node_key(node, parent)
+        attrs = _node_attrs(node, name, parent is None)
         attr_text = ", ".join(f"{k}={_quote(v)}" for k, v in attrs.items())
-        lines.append(f"  n{node['id']} [{attr_text}];")
+        lines.append(f"  {name} [{attr_text}];")
         if parent is not None:
             edge = ' [color="#1a56db", penwidth=2.5, style=bold]' if node["chosen"] else ""
-            lines.append(f"  n{parent['id']} -> n{node['id']}{edge};")
+            lines.append(f"  {tree_io.node_key(parent, None)} -> {name}{edge};")
         kept = [c for c in tree_io.children_by_visits(node) if c["visits"] >= min_visits]
         stack.extend((c, node) for c in reversed(kept))
     lines.append("}")

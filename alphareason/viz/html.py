@@ -10,7 +10,8 @@ DOM contract (kept stable for tests and notebooks):
   * `section.panel[data-tree-index=i][data-policy=...]`, one per tree, side by
     side; its `h2.tree-title` is the tree's title;
   * `li.node[data-node-id][data-visits][data-depth][data-chosen][data-verdict]`
-    with element id `t{i}-n{id}` and classes `chosen`, `solved`, `dead-end`,
+    with element id `t{i}-n{id}` (an unvisited child with id -1:
+    `t{i}-u{parent id}_{action}`) and classes `chosen`, `solved`, `dead-end`,
     `invalid`, `unvisited`, `root` as they apply;
   * inside each node's row: `.step`, `.visits`, `.q`, `.prior`, `.value`
     (each holding just the number; the row's tooltip has full precision),
@@ -111,8 +112,8 @@ def _tooltip(node: Mapping[str, Any], parent_visits: int) -> str:
             f" \u00b7 reward {node['reward']}")
 
 
-def _node_html(node: Mapping[str, Any], tree_index: int, depth: int,
-               parent_visits: int, step_px: int, out: list[str]) -> None:
+def _node_html(node: Mapping[str, Any], parent: Mapping[str, Any] | None, tree_index: int,
+               depth: int, step_px: int, out: list[str]) -> None:
     is_root = depth == 0
     verdict = tree_io.verdict(node)
     classes = ["node"]
@@ -124,9 +125,10 @@ def _node_html(node: Mapping[str, Any], tree_index: int, depth: int,
         classes.append(verdict.replace(" ", "-"))
     if node["visits"] == 0:
         classes.append("unvisited")
+    parent_visits = parent["visits"] if parent else 0
     tip = _tooltip(node, parent_visits)
     out.append(
-        f'<li class="{" ".join(classes)}" id="t{tree_index}-n{node["id"]}" '
+        f'<li class="{" ".join(classes)}" id="t{tree_index}-{tree_io.node_key(node, parent)}" '
         f'data-node-id="{node["id"]}" data-visits="{node["visits"]}" data-depth="{depth}" '
         f'data-chosen="{"true" if node["chosen"] else "false"}" '
         f'data-verdict="{_esc(verdict or "")}" data-step="{_esc(node["step"])}">')
@@ -136,7 +138,7 @@ def _node_html(node: Mapping[str, Any], tree_index: int, depth: int,
         out.append(f'<details{is_open}><summary class="row" title="{_esc(tip)}">{row}</summary>'
                    '<ul class="children">')
         for child in tree_io.children_by_visits(node):
-            _node_html(child, tree_index, depth + 1, node["visits"], step_px, out)
+            _node_html(child, node, tree_index, depth + 1, step_px, out)
         out.append("</ul></details>")
     else:
         out.append(f'<div class="row leaf" title="{_esc(tip)}">{row}</div>')
@@ -169,7 +171,7 @@ def _panel_html(tree: Mapping[str, Any], index: int) -> str:
         "</header>",
         '<ul class="tree">',
     ]
-    _node_html(tree["root"], index, 0, 0, _step_column_px(tree), out)
+    _node_html(tree["root"], None, index, 0, _step_column_px(tree), out)
     out.append("</ul></section>")
     return "\n".join(out)
 

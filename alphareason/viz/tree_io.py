@@ -14,8 +14,9 @@ and every NODE is
      "prior": 1.0, "value": 0.4, "reward": 0.0, "terminal": false,
      "solved": false, "valid": true, "chosen": true, "children": [NODE, ...]}
 
-`id` is the mctx node index (unique within a tree), `action` the candidate
-index from the parent (null only at the root), `step` the decoded step text
+`id` is the mctx node index (unique within a tree; an unvisited child has no
+mctx node and may carry mctx's UNVISITED index, -1), `action` the candidate
+index from the parent (null only at the root, unique among siblings), `step` the decoded step text
 ("" at the root), `q` the mean value from the parent's view (null when
 unvisited), `prior` the parent's prior probability of this step, `value` the
 network's value estimate at the node. `chosen` marks the path the search
@@ -52,6 +53,7 @@ __all__ = [
     "children_by_visits",
     "problem_text",
     "tree_title",
+    "node_key",
 ]
 
 
@@ -170,14 +172,29 @@ def validate_tree(tree: Any, *, source: str = "tree") -> None:
         if path != "root" and node["action"] is None:
             _fail(source, where, "action", "is null below the root",
                   "set it to the candidate index of this step in its parent")
-        if node["id"] in seen_ids:
+        if node["id"] < 0:
+            if node["visits"] != 0:
+                _fail(source, where, "id", f"is {node['id']} but the node has {node['visits']} visits",
+                      "negative ids (mctx's UNVISITED, -1) are for unvisited children only; "
+                      "give a visited node its mctx node index")
+        elif node["id"] in seen_ids:
             _fail(source, where, "id", f"{node['id']} is also used by {seen_ids[node['id']]}",
-                  "give every node its own id (unvisited children need ids too)")
-        seen_ids[node["id"]] = where
+                  "give every visited node its own id (its mctx node index); "
+                  "unvisited children may use -1")
+        else:
+            seen_ids[node["id"]] = where
         if node["solved"] and not node["terminal"]:
             _fail(source, where, "solved", "is true but 'terminal' is false",
                   "only terminal steps can be solved: set 'terminal' to true or 'solved' to false")
         children = node["children"]
+        actions: dict[Any, int] = {}
+        for i, child in enumerate(children):
+            action = child.get("action") if isinstance(child, Mapping) else None
+            if _is_int(action) and action in actions:
+                _fail(source, where, "children",
+                      f"children [{actions[action]}] and [{i}] both have action {action}",
+                      "give each child its own candidate index (action)")
+            actions[action] = i
         chosen = [i for i, c in enumerate(children) if isinstance(c, Mapping) and c.get("chosen") is True]
         if len(chosen) > 1:
             _fail(source, where, "children", f"children {chosen} are all marked chosen",
@@ -309,3 +326,11 @@ def problem_text(tree: Mapping[str, Any]) -> str:
 def tree_title(tree: Mapping[str, Any]) -> str:
     """Returns the tree's title, or "<policy>, <num_simulations> simulations" when it has none."""
     return tree.get("title") or f"{tree['policy']}, {tree['num_simulations']} simulations"
+
+
+def node_key(node: Mapping[str, Any], parent: Mapping[str, Any] | None) -> str:
+    """Returns a name for the node unique within its tree: "n<id>", or for an
+    unvisited child without an mctx index, "u<parent id>_<action>" (a bare Graphviz id)."""
+    if node["id"] >= 0 or parent is None:
+        return f"n{node['id']}"
+    return f"u{parent['id']}_{node['action']}"
