@@ -377,6 +377,54 @@ class Transformer(nnx.Module):
                         lengths=cache.lengths + active.astype(jnp.int32))
         return logits[:, 0], value_logits[:, 0], cache
 
+    def score_continuations(self, tokens, lengths, continuations):
+        """Scores K continuations of each prefix in ONE parallel pass (prefix shared, no cache).
+
+        The sequence fed through the blocks is ``[prefix (T) | cont_0 (S) | ...
+        | cont_{K-1} (S)]`` per row, with positions and an attention mask that
+        make it equivalent to K separate forwards of ``prefix[:lengths[b]] +
+        cont_k``: prefix tokens attend causally within the prefix; token s of
+        continuation k sits at position ``lengths[b] + s`` and attends to the
+        prefix's first ``lengths[b]`` tokens and to tokens ``0..s`` of its own
+        continuation. This is what the learner differentiates (policy loss over
+        candidate steps) and what enumerated candidates are scored with; it
+        costs ``T + K * S`` token forwards per row instead of ``K * (T + S)``.
+
+        Args:
+          tokens: int32[B, T] prefixes, row b's in ``tokens[b, :lengths[b]]``.
+          lengths: int32[B], 1 <= lengths[b] <= T.
+          continuations: int32[B, K, S].
+        Returns:
+          ``(logits f32[B, K, S, V], value_logits f32[B])``: ``logits[b, k, s]``
+          is the distribution of ``continuations[b, k, s]`` given everything
+          before it; ``value_logits`` is the value at each prefix's last token.
+        """
+        batch, length = tokens.shape
+        _, K, S = continuations.shape
+        lengths = jnp.asarray(lengths, jnp.int32)
+        idx = jnp.arange(length)
+        cont_pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(S)[None, None, :], (batch, K, S))
+        positions = jnp.concatenate([jnp.broadcast_to(idx, (batch, length)), cont_pos.reshape(batch, K * S)], 1)
+        # Mask over [T + K*S] queries x [T + K*S] keys.
+        prefix_q = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, T, T]
+        prefix_q = jnp.concatenate([jnp.broadcast_to(prefix_q, (batch, length, length)),
+                                    jnp.zeros((batch, length, K * S), bool)], -1)
+        to_prefix = jnp.broadcast_to((idx[None, :] < lengths[:, None])[:, None, :], (batch, K * S, length))
+        kq, sq = jnp.repeat(jnp.arange(K), S), jnp.tile(jnp.arange(S), K)  # [K*S] each
+        own = (kq[:, None] == kq[None, :]) & (sq[None, :] <= sq[:, None])  # [K*S, K*S]
+        cont_q = jnp.concatenate([to_prefix, jnp.broadcast_to(own[None], (batch, K * S, K * S))], -1)
+        mask = jnp.concatenate([prefix_q, cont_q], 1)  # [B, T + K*S, T + K*S]
+        seq = jnp.concatenate([tokens, continuations.reshape(batch, K * S)], 1)
+        x, _, _ = self._run_blocks(seq, jnp.minimum(positions, self._max_position()), mask)
+        last = x[jnp.arange(batch), lengths - 1]  # [B, D]
+        cont = x[:, length:].reshape(batch, K, S, -1)
+        # The output before continuation token s: the prefix's last token for s = 0.
+        before = jnp.concatenate([jnp.broadcast_to(last[:, None, None], (batch, K, 1, last.shape[-1])),
+                                  cont[:, :, :-1]], 2)  # [B, K, S, D]
+        logits, _ = self._heads(before.reshape(batch, K * S, -1))
+        _, value_logits = self._heads(last[:, None])
+        return logits.reshape(batch, K, S, -1), value_logits[:, 0]
+
     def _max_position(self) -> int:
         return self.config.max_len - 1
 

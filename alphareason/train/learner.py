@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from alphareason.model import tile_cache
-from alphareason.search.env import NEG_INF, after_equals, score_steps
+from alphareason import tokenizer as tok
+from alphareason.search.env import NEG_INF, after_equals
 from alphareason.train.losses import sft_loss
 
 VALUE_TARGETS = ("outcome", "search_q")
@@ -35,6 +35,12 @@ VALUE_TARGETS = ("outcome", "search_q")
 def candidate_logits(model, tokens, length, candidates, cand_valid, *, tool: bool, length_normalize: bool):
     """Prior logits over candidates under ``model`` (as in the search) and the state's value logit.
 
+    The candidates' log-likelihoods are the same quantity the search's prior
+    uses (``search.env``), computed in one parallel pass over ``prefix + K
+    candidates`` (``Transformer.score_continuations``) rather than by
+    sequential cached decoding, which is several times faster to
+    differentiate.
+
     Args:
       tokens: int32[B, T], length: int32[B]: the states.
       candidates: int32[B, K, S]; cand_valid: bool[B, K].
@@ -42,15 +48,14 @@ def candidate_logits(model, tokens, length, candidates, cand_valid, *, tool: boo
       (logits float32[B, K] with masked entries at NEG_INF, value_logits float32[B]).
     """
     B, K, S = candidates.shape
-    cache = model.init_cache(B, tokens.shape[1])
-    logits, value_logits, cache = model.prefill(tokens, length, cache)
-    flat = candidates.reshape(B * K, S)
-    tool_mask = after_equals(flat) if tool else jnp.zeros(flat.shape, bool)
-    logprob, _ = score_steps(model, tile_cache(cache, K), jnp.repeat(logits, K, axis=0), flat, tool_mask)
-    logprob = logprob.reshape(B, K)
+    token_logits, value_logits = model.score_continuations(tokens, length, candidates)  # [B, K, S, V]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(token_logits.astype(jnp.float32), -1),
+                               candidates[..., None], -1)[..., 0]  # [B, K, S]
+    tool_mask = after_equals(candidates.reshape(B * K, S)).reshape(B, K, S) if tool else jnp.zeros_like(candidates, bool)
+    scored = (candidates != tok.PAD) & ~tool_mask  # model-written tokens
+    logprob = jnp.sum(jnp.where(scored, logp, 0.0), -1)
     if length_normalize:
-        written = jnp.sum((flat != 0) & ~tool_mask, axis=-1).reshape(B, K)
-        logprob = logprob / jnp.maximum(written, 1)
+        logprob = logprob / jnp.maximum(jnp.sum(scored, -1), 1)
     return jnp.where(cand_valid, logprob, NEG_INF), value_logits
 
 

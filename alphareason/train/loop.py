@@ -189,8 +189,10 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
                  interrupt: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Runs or resumes the whole job; returns the per-iteration table rows.
 
-    ``interrupt(phase, iteration)`` (tests) is called at phase boundaries and
-    may raise to simulate a kill; ``stop_after_iterations`` ends the call early.
+    ``interrupt(phase, iteration)`` (tests) is called when a phase starts and
+    after every actor batch ("selfplay") and learner step ("learn"); it may
+    raise to simulate a kill there. ``stop_after_iterations`` ends the call
+    early.
     """
     workdir = os.path.abspath(workdir)
     task = make_task(config)
@@ -284,6 +286,8 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
                     outcomes.extend(batch.solved.astype(np.float32).tolist())
                 bar.update(len(chunk))
                 bar.set_postfix(solved=f"{np.mean(solved):.1%}")
+                if interrupt:
+                    interrupt("selfplay", it)
             bar.close()
             totals["selfplay_token_forwards"] += forwards
             sp_metrics = {"selfplay_solve_rate": float(np.mean(solved)), "selfplay_episodes": len(problems),
@@ -308,6 +312,8 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
             state, metrics = learner_step(state, batch)
             pending.append(metrics)
             bar.update(1)
+            if interrupt:
+                interrupt("learn", it)
         bar.close()
         learn = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]} if pending else {}
         if learn and not np.isfinite(learn["loss"]):

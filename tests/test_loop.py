@@ -1,0 +1,159 @@
+"""The AlphaZero loop: config checks, replay, and exact resume after a kill in any phase."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from alphareason.config import ConfigError
+from alphareason.train.checkpoint import Checkpointer
+from alphareason.train.loop import run_training, validate_config
+from alphareason.train.metrics import read_metrics
+from alphareason.train.replay import ReplayBuffer
+from alphareason.train.sft import load_model, make_task
+from helpers import micro_config
+
+TIMING_KEYS = ("seconds", "per_s")
+
+
+def loop_config(**selfplay):
+    c = micro_config()
+    c.selfplay.episodes_per_iteration = 8
+    c.selfplay.actor_batch_size = 4  # two actor batches per iteration: a kill can land between them
+    c.selfplay.learner_steps = 3
+    for k, v in selfplay.items():
+        c.selfplay[k] = v
+    return c
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(phase, iteration, nth=1):
+    """An ``interrupt`` hook that raises at the ``nth`` call for (phase, iteration)."""
+    calls = {"n": 0}
+
+    def hook(p, it):
+        if p == phase and it == iteration:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise Killed(f"{phase} {iteration} #{nth}")
+
+    return hook
+
+
+def _strip_timing(rows):
+    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING_KEYS)} for r in rows]
+
+
+def _params(config, workdir):
+    model, _, meta = load_model(config, workdir)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))), meta
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of two iterations."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    config = loop_config()
+    out = run_training(config, workdir, progress=False, log=lambda *_: None)
+    return config, workdir, out
+
+
+def test_uninterrupted_run_writes_iterations_and_checkpoints(reference):
+    config, workdir, out = reference
+    rows = out["iterations"]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0.0 <= r["greedy_solve_rate"] <= 1.0 and 0.0 <= r["mcts_solve_rate"] <= 1.0
+    sp = read_metrics(workdir, "selfplay")
+    assert [r["step"] for r in sp] == [1, 2]
+    # Self-play compute grows and is counted in model token forwards.
+    assert 0 < rows[1]["selfplay_token_forwards"] < rows[2]["selfplay_token_forwards"]
+    assert sp[-1]["replay_size"] > sp[0]["replay_size"] > 0
+    _, meta = _params(config, workdir)
+    assert meta["iteration"] == 2 and meta["phase"] == "selfplay"
+    assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+
+
+@pytest.mark.parametrize("phase,nth", [("selfplay", 2), ("learn", 2), ("checkpoint", 1)])
+def test_killed_run_resumes_exactly(reference, tmp_path, phase, nth):
+    """Kill in iteration 2 (mid self-play, mid learning, or just before the checkpoint), rerun: same result."""
+    config, ref_dir, ref_out = reference
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        run_training(config, workdir, progress=False, log=lambda *_: None, interrupt=kill_at(phase, 2, nth))
+    assert Checkpointer(os.path.join(workdir, "checkpoints", "selfplay")).latest_step() == 1
+    out = run_training(loop_config(), workdir, progress=False, log=lambda *_: None)
+
+    assert _strip_timing(out["iterations"]) == _strip_timing(ref_out["iterations"])
+    assert _strip_timing(read_metrics(workdir, "selfplay")) == _strip_timing(read_metrics(ref_dir, "selfplay"))
+    got, _ = _params(config, workdir)
+    want, _ = _params(config, ref_dir)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
+
+
+def test_finished_run_rerun_does_nothing_new(reference):
+    config, workdir, out = reference
+    before = read_metrics(workdir)
+    again = run_training(config, workdir, progress=False, log=lambda *_: None)
+    assert again["iterations"] == out["iterations"]
+    assert read_metrics(workdir) == before
+
+
+@pytest.mark.parametrize("algorithm", ["expert_iteration", "sft_only"])
+def test_baseline_algorithms_run(tmp_path, algorithm):
+    config = loop_config(algorithm=algorithm, iterations=1)
+    out = run_training(config, str(tmp_path), progress=False, log=lambda *_: None)
+    assert [r["step"] for r in out["iterations"]] == [0, 1]
+    learn = read_metrics(str(tmp_path), "selfplay")[0]
+    if algorithm == "sft_only":
+        assert "selfplay_solve_rate" not in learn and learn["learn_sft_loss"] > 0
+    else:
+        assert "selfplay_solve_rate" in learn
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("selfplay.replay_capacity", 10, "replay_capacity=10 is smaller than one iteration"),
+    ("selfplay.algorithm", "alphago", "choose one of alphazero"),
+    ("selfplay.value_target", "td", "choose one of outcome"),
+    ("model.max_len", 20, "model.max_len=20 is shorter"),
+    ("search.policy", "uct", "search.policy='uct'"),
+    ("search.candidates", "beam", "choose 'sample' or 'enumerate'"),
+])
+def test_inconsistent_configs_are_refused_before_work(tmp_path, key, value, message):
+    config = loop_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises((ConfigError, ValueError), match=message):
+        validate_config(config, make_task(config))
+    with pytest.raises((ConfigError, ValueError), match=message):
+        run_training(config, str(tmp_path / "w"), progress=False, log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")  # nothing was started
+
+
+def test_batch_not_divisible_by_devices_is_refused(monkeypatch):
+    config = loop_config(actor_batch_size=6)
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match="actor_batch_size=6 is not divisible by the 4 devices"):
+        validate_config(config, make_task(config))
+
+
+def test_replay_ring_buffer_overwrites_oldest_and_round_trips():
+    buf = ReplayBuffer(5, seq_len=6, num_candidates=2, step_len=3)
+    for i in range(7):
+        buf._put_move({"tokens": np.full(6, i), "length": i, "candidates": np.zeros((2, 3)),
+                       "cand_valid": np.ones(2, bool), "action_weights": np.array([0.5, 0.5]),
+                       "search_value": 0.1 * i, "outcome": float(i % 2), "action": i % 2})
+    assert buf.size == 5
+    assert sorted(buf.moves["length"].tolist()) == [2, 3, 4, 5, 6]
+    copy = ReplayBuffer(5, seq_len=6, num_candidates=2, step_len=3)
+    copy.load_state_dict(json.loads(json.dumps(jax.tree.map(lambda x: np.asarray(x).tolist(), buf.state_dict()))))
+    rng1, rng2 = np.random.default_rng(0), np.random.default_rng(0)
+    a, b = buf.sample_moves(rng1, 8), copy.sample_moves(rng2, 8)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
