@@ -13,6 +13,7 @@ import ast
 import importlib.util
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -123,9 +124,19 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
         known = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
         raise ConfigError(f"config file {path} does not exist; available in configs/: {', '.join(known)}")
-    spec = importlib.util.spec_from_file_location(f"alphareason_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # A config may build on another (``from configs.countdown_tiny import get_config``):
+    # make the folder that holds ``configs/`` importable while the file runs.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        spec = importlib.util.spec_from_file_location(f"alphareason_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if added:
+            sys.path.remove(root)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config() function")
     config = module.get_config()

@@ -157,3 +157,29 @@ def test_replay_ring_buffer_overwrites_oldest_and_round_trips():
     a, b = buf.sample_moves(rng1, 8), copy.sample_moves(rng2, 8)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_interrupted_or_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies half-way (kill, full disk) leaves the last complete checkpoint readable."""
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    state = {"w": np.arange(6, dtype=np.float32)}
+    ckpt.save(1, state, {"step": 1})
+    # A kill during orbax's write leaves a temporary directory behind.
+    partial = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-123"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+    # A full disk makes the next save fail.
+    import orbax.checkpoint as ocp
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(3, {"w": np.zeros(6, np.float32)}, {"step": 3})
+    monkeypatch.undo()
+    reopened = Checkpointer(tmp_path / "ckpt")
+    assert reopened.latest_step() == 1
+    restored, meta = reopened.restore({"w": np.zeros(6, np.float32)})
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta == {"step": 1}
