@@ -360,6 +360,26 @@ def test_html_has_the_controls():
         assert f'id="{control}"' in page
 
 
+def test_html_min_visits_sets_the_filter_s_starting_value():
+    page = viz.to_html(SMALL, min_visits=2)
+    assert re.search(r'<input type="number" id="min-visits"[^>]*value="2"', page)
+    # Every node is still in the page; the script hides the filtered ones on load.
+    assert len(parse_page(page).nodes) == len(parse_page(viz.to_html(SMALL)).nodes)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="min_visits"):
+            viz.to_html(SMALL, min_visits=bad)
+
+
+def test_html_shows_the_search_compute_when_the_tree_has_it():
+    assert "token forwards" not in viz.to_html(SMALL)
+    tree = small_tree()
+    tree["token_forwards"] = 12345
+    assert '<span class="forwards">12,345 token forwards</span>' in viz.to_html(tree)
+    tree["token_forwards"] = -3
+    with pytest.raises(ValueError, match="field 'token_forwards': is -3"):
+        viz.to_html(tree)
+
+
 def test_write_html_writes_the_page(tmp_path):
     out = viz.write_html(SMALL, tmp_path / "views" / "tree.html", title="t")
     assert out.read_text(encoding="utf-8") == viz.to_html(SMALL, title="t")
@@ -484,6 +504,8 @@ def test_show_inside_ipython_returns_an_inline_frame(monkeypatch):
     assert shown.data.startswith('<div class="alphareason-tree"><iframe srcdoc="&lt;!DOCTYPE html&gt;')
     assert "height: 400px" in shown.data
     assert "&lt;/script&gt;" in shown.data and "</script>" not in shown.data
+    filtered = viz.show(SMALL, min_visits=3).data
+    assert 'id=&quot;min-visits&quot; min=&quot;0&quot; step=&quot;1&quot; value=&quot;3&quot;' in filtered
 
 
 def test_plot_root_visits():
@@ -498,6 +520,18 @@ def test_plot_root_visits():
     labels = ax.get_xticklabels()
     assert [t.get_text() for t in labels] == ["13-9=4", "10+13=23", "9*4=36", "9/4=2"]
     assert labels[0].get_color() == viz.CHOSEN_COLOR and labels[1].get_color() != viz.CHOSEN_COLOR
+
+
+def test_plot_root_visits_top_children():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    ax = viz.plot_root_visits(PUCT, ax=Figure().subplots(), top=2)
+    share_bars, prior_bars = ax.containers
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["10-4=6", "13-9=4"]
+    assert [round(b.get_height(), 4) for b in share_bars] == [round(7 / 12, 4), round(4 / 12, 4)]
+    assert [b.get_height() for b in prior_bars] == [0.35, 0.3]
+    assert "top 2 of 4" in ax.get_title()
 
 
 # ----------------------------------------------------------------------------
@@ -525,6 +559,25 @@ def test_tree_main_compares_several_trees_in_html(tmp_path, capsys):
     assert "policy gumbel" in printed and "policy puct" in printed
     assert cli.tree_main([SMALL, PUCT], svg=tmp_path / "x.svg") == 1
     assert "--svg and --dot take one tree" in capsys.readouterr().err
+
+
+def test_alphareason_tree_command(tmp_path, capsys, monkeypatch):
+    """`alphareason tree` (the project's command) takes several trees, --min-visits and --svg."""
+    from alphareason import cli as main_cli
+
+    out = tmp_path / "cmp.html"
+    assert main_cli.main(["tree", str(SMALL), str(PUCT), "--html", str(out), "--min-visits", "2",
+                          "--top", "2"]) == 0
+    assert out.read_text() == viz.to_html([SMALL, PUCT], min_visits=2)
+    assert capsys.readouterr().out.strip() == "\n\n".join(
+        viz.format_tree(t, top=2) for t in (SMALL, PUCT))
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert main_cli.main(["tree", str(SMALL), "--svg", str(tmp_path / "t.svg")]) == 1
+    err = capsys.readouterr().err
+    assert "Graphviz is not installed: install it with `apt-get install graphviz`" in err
+    assert not (tmp_path / "t.svg").exists()
 
 
 def test_tree_main_missing_file(tmp_path, capsys):

@@ -139,3 +139,31 @@ def test_viewer_expands_nodes_filters_by_visits_and_renders(driver, tmp_path):
     assert branch.find_element(By.CSS_SELECTOR, ".nkids").text == "1 child"
     _save_screenshot(driver, tmp_path / "tree_viewer.png")
     print(f"screenshots in {tmp_path}")
+
+
+def test_filter_starts_at_min_visits_and_notebook_frame_runs_the_viewer(driver, tmp_path, monkeypatch):
+    """`viz.show(..., min_visits=2)` as Jupyter displays it: a sandboxed frame whose script runs."""
+    from selenium.webdriver.common.by import By
+
+    pytest.importorskip("IPython")
+    monkeypatch.setattr(viz, "_in_ipython", lambda: True)
+    shown = viz.show([SMALL, PUCT], min_visits=2, height=500)
+    page = tmp_path / "notebook_output.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>notebook output</title></head>'
+                    f'<body><p>Out[1]:</p>{shown.data}</body></html>', encoding="utf-8")
+    driver.get(page.as_uri())
+    frame = driver.find_element(By.CSS_SELECTOR, "div.alphareason-tree > iframe")
+    assert 500 <= frame.size["height"] <= 504  # the requested height plus the border
+    driver.switch_to.frame(frame)
+    try:
+        assert driver.find_element(By.ID, "min-visits").get_attribute("value") == "2"
+        # The filter applied on load: the counts and hidden nodes match typing 2 into the box.
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".shown-count")] == ["8", "7"]
+        driver.find_element(By.ID, "expand-all").click()
+        nodes = driver.find_elements(By.CSS_SELECTOR, "li.node")
+        hidden = {n.get_attribute("id") for n in nodes if not n.is_displayed()}
+        assert hidden == {n.get_attribute("id") for n in nodes if int(n.get_attribute("data-visits")) < 2}
+        assert driver.find_element(By.ID, "t0-n6").find_element(By.CSS_SELECTOR, ".step").text == "6*4=24"
+    finally:
+        driver.switch_to.default_content()
+    _save_screenshot(driver, tmp_path / "tree_viewer_in_notebook_frame.png")

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import optax
 
 from alphareason import tokenizer as tok
-from alphareason.search.env import NEG_INF, after_equals
+from alphareason.search.env import NEG_INF, after_equals, first_duplicates
 from alphareason.train.losses import sft_loss
 
 VALUE_TARGETS = ("outcome", "search_q")
 
 
-def candidate_logits(model, tokens, length, candidates, cand_valid, *, tool: bool, length_normalize: bool):
+def candidate_logits(model, tokens, length, candidates, mask, *, tool: bool, length_normalize: bool):
     """Prior logits over candidates under ``model`` (as in the search) and the state's value logit.
 
     The candidates' log-likelihoods are the same quantity the search's prior
@@ -43,7 +43,8 @@ def candidate_logits(model, tokens, length, candidates, cand_valid, *, tool: boo
 
     Args:
       tokens: int32[B, T], length: int32[B]: the states.
-      candidates: int32[B, K, S]; cand_valid: bool[B, K].
+      candidates: int32[B, K, S].
+      mask: bool[B, K], the candidates that take part in the softmax.
     Returns:
       (logits float32[B, K] with masked entries at NEG_INF, value_logits float32[B]).
     """
@@ -56,7 +57,7 @@ def candidate_logits(model, tokens, length, candidates, cand_valid, *, tool: boo
     logprob = jnp.sum(jnp.where(scored, logp, 0.0), -1)
     if length_normalize:
         logprob = logprob / jnp.maximum(jnp.sum(scored, -1), 1)
-    return jnp.where(cand_valid, logprob, NEG_INF), value_logits
+    return jnp.where(mask, logprob, NEG_INF), value_logits
 
 
 def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, value_weight: float = 1.0,
@@ -74,23 +75,30 @@ def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, v
     metrics = {}
     loss = jnp.float32(0.0)
     if policy_weight or value_weight:
+        # The network's distribution over the K sampled candidates includes the
+        # invalid ones, with target weight 0 (the search never takes them): the
+        # policy learns to avoid invalid steps instead of leaking probability
+        # to them. Only repeated candidates are left out (they would count twice).
+        distinct = ~first_duplicates(batch["candidates"])
         logits, value_logits = candidate_logits(model, batch["tokens"], batch["length"], batch["candidates"],
-                                                batch["cand_valid"], tool=tool, length_normalize=length_normalize)
+                                                distinct, tool=tool, length_normalize=length_normalize)
         weights = batch["action_weights"] * batch["cand_valid"]
         has_target = jnp.sum(weights, -1) > 0
         target = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-9)
         log_pi = jax.nn.log_softmax(logits, axis=-1)
-        per_row = -jnp.sum(jnp.where(batch["cand_valid"], target * log_pi, 0.0), axis=-1)
+        per_row = -jnp.sum(jnp.where(distinct, target * log_pi, 0.0), axis=-1)
         policy_loss = jnp.sum(jnp.where(has_target, per_row, 0.0)) / jnp.maximum(jnp.sum(has_target), 1)
         pi = jnp.exp(log_pi)
-        entropy = -jnp.sum(jnp.where(batch["cand_valid"], pi * log_pi, 0.0), axis=-1)
+        entropy = -jnp.sum(jnp.where(distinct, pi * log_pi, 0.0), axis=-1)
+        invalid_mass = jnp.sum(jnp.where(distinct & ~batch["cand_valid"], pi, 0.0), axis=-1)
         vt = batch["outcome"] if value_target == "outcome" else jnp.clip(batch["search_value"], 0.0, 1.0)
         value_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(value_logits, vt))
         value_prob = jax.nn.sigmoid(value_logits)
         loss = loss + policy_weight * policy_loss + value_weight * value_loss
         metrics.update(policy_loss=policy_loss, value_loss=value_loss, policy_entropy=jnp.mean(entropy),
                        value_brier=jnp.mean((value_prob - batch["outcome"]) ** 2),
-                       target_agreement=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(target, -1)))
+                       target_agreement=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(target, -1)),
+                       invalid_mass=jnp.mean(invalid_mass))
     if sft_weight and "sft" in batch:
         sft, sft_metrics = sft_loss(model, batch["sft"], policy_weight=1.0, value_weight=0.0)
         loss = loss + sft_weight * sft

@@ -41,6 +41,7 @@ from flax import nnx
 from alphareason.config import ConfigDict, ConfigError
 from alphareason.data import BatchIterator, build_dataset, collate, encode_example, load_records
 from alphareason.model import count_params
+from alphareason.parallel import make_mesh, replicate, shard_batch
 from alphareason.search.env import EnvConfig
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.evaluate import EvalSettings, Evaluator
@@ -222,6 +223,8 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
         iteration, totals = int(meta["iteration"]), dict(meta["totals"])
         writer.truncate_after(lambda r: r.get("phase") not in ("selfplay", "eval") or r["step"] <= iteration)
         log(f"resumed self-play after iteration {iteration} ({ckpt.directory})")
+    mesh = make_mesh()  # learner batches split over the data axis; parameters replicated
+    state = replicate(state, mesh)
     evaluator = Evaluator(nnx.merge(graphdef, state)[0], task, EvalSettings(
         strategy="greedy", batch_size=min(config.eval.batch_size, len(eval_problems)), env=env_config(config),
         search=search_config(config, num_simulations=sp.eval_simulations)))
@@ -309,7 +312,7 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
             batch = _learner_batch(replay, rng, sp, task, demo_iter, mcfg.max_len)
             if batch is None:
                 break
-            state, metrics = learner_step(state, batch)
+            state, metrics = learner_step(state, shard_batch(batch, mesh))
             pending.append(metrics)
             bar.update(1)
             if interrupt:

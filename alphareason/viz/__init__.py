@@ -65,12 +65,14 @@ def _in_ipython() -> bool:
     return get_ipython() is not None
 
 
-def show(tree_or_trees: Any, *, title: str | None = None, height: int = 600) -> Any:
+def show(tree_or_trees: Any, *, title: str | None = None, min_visits: int = 0, height: int = 600) -> Any:
     """Shows one tree, or several side by side, inline in a notebook.
 
     Args:
       tree_or_trees: a tree (dict or path to a tree JSON file) or a list of them.
       title: the page title (see `to_html`).
+      min_visits: the visit filter's starting value (see `to_html`): nodes
+        with fewer visits start hidden.
       height: the height of the inline frame in pixels.
 
     Returns:
@@ -78,7 +80,7 @@ def show(tree_or_trees: Any, *, title: str | None = None, height: int = 600) -> 
       iframe, so its style and script stay apart from the notebook's);
       elsewhere the HTML page as a string.
     """
-    page = to_html(tree_or_trees, title=title)
+    page = to_html(tree_or_trees, title=title, min_visits=min_visits)
     if not _in_ipython():
         return page
     from IPython.display import HTML
@@ -89,7 +91,7 @@ def show(tree_or_trees: Any, *, title: str | None = None, height: int = 600) -> 
                 'border-radius: 6px;" sandbox="allow-scripts"></iframe></div>')
 
 
-def plot_root_visits(tree: Mapping[str, Any] | str, ax: Any = None) -> Any:
+def plot_root_visits(tree: Mapping[str, Any] | str, ax: Any = None, *, top: int | None = None) -> Any:
     """Plots the root children's share of visits next to their prior, as bars.
 
     The gap between the two bars is what the search changed about the policy
@@ -98,6 +100,9 @@ def plot_root_visits(tree: Mapping[str, Any] | str, ax: Any = None) -> Any:
     Args:
       tree: a tree dict (or a path to a tree JSON file).
       ax: a matplotlib Axes to draw on; a new figure is made when None.
+      top: plot only this many children, the most visited first (ties: the
+        higher prior); None plots them all in action order. Shares stay
+        fractions of all the root's child visits.
 
     Returns:
       The matplotlib Axes.
@@ -106,10 +111,11 @@ def plot_root_visits(tree: Mapping[str, Any] | str, ax: Any = None) -> Any:
     import numpy as np
 
     tree = load_tree(tree)
-    children = tree["root"]["children"]
+    all_children = tree["root"]["children"]
+    children = all_children if top is None else tree_io.children_by_visits(tree["root"])[:max(top, 0)]
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(children) + 2.0), 3.2))
-    total = sum(c["visits"] for c in children)
+    total = sum(c["visits"] for c in all_children)
     share = [c["visits"] / total if total else 0.0 for c in children]
     prior = [c["prior"] for c in children]
     x = np.arange(len(children))
@@ -122,7 +128,8 @@ def plot_root_visits(tree: Mapping[str, Any] | str, ax: Any = None) -> Any:
             label.set_color(CHOSEN_COLOR)
     ax.set_ylabel("probability")
     title = tree_io.tree_title(tree)
-    ax.set_title(f"root: visit share vs prior ({title})", fontsize=10)
+    shown = "" if len(children) == len(all_children) else f", top {len(children)} of {len(all_children)}"
+    ax.set_title(f"root: visit share vs prior ({title}{shown})", fontsize=10)
     ax.legend(frameon=False, fontsize=8)
     ax.figure.tight_layout()
     return ax

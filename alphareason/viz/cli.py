@@ -43,7 +43,8 @@ def tree_main(path: PathLike | Sequence[PathLike], *, html: PathLike | None = No
       dot: where to write the Graphviz DOT text (one tree only).
       depth: levels below the root to print.
       top: children to print per node.
-      min_visits: leave out nodes with fewer visits from the SVG / DOT views.
+      min_visits: leave out nodes with fewer visits from the SVG / DOT views;
+        the HTML viewer starts with its visit filter at this value.
 
     Returns:
       The exit code: 0 on success, 1 when a file is missing or invalid or a
@@ -69,7 +70,7 @@ def tree_main(path: PathLike | Sequence[PathLike], *, html: PathLike | None = No
 
     status = 0
     writers = [
-        (html, lambda out: html_lib.write_html(trees, out)),
+        (html, lambda out: html_lib.write_html(trees, out, min_visits=min_visits)),
         (dot, lambda out: dot_lib.write_dot(trees[0], out, min_visits=min_visits)),
         (svg, lambda out: dot_lib.write_svg(trees[0], out, min_visits=min_visits)),
     ]
@@ -96,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=2, help="levels below the root to print")
     parser.add_argument("--top", type=int, default=5, help="children to print per node")
     parser.add_argument("--min-visits", type=int, default=0,
-                        help="leave out nodes with fewer visits from the SVG / DOT views")
+                        help="leave out nodes with fewer visits from the SVG / DOT views; "
+                             "the HTML viewer's visit filter starts at this value")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -153,13 +153,16 @@ def _panel_html(tree: Mapping[str, Any], index: int) -> str:
     steps = " \u2192 ".join(f"<code>{_esc(n['step'])}</code>" for n in path) or "\u2013"
     title = tree_io.tree_title(tree)
     prompt = tree["prompt"].replace("\n", "\u21b5")  # show line ends as a visible mark
+    forwards = tree.get("token_forwards")  # the search's compute, when the export recorded it
+    compute = (f'<span class="forwards">{forwards:,} token forwards</span>'
+               if isinstance(forwards, int) and not isinstance(forwards, bool) else "")
     out = [
         f'<section class="panel" data-tree-index="{index}" data-policy="{_esc(tree["policy"])}">',
         "<header>",
         f'<h2 class="tree-title">{_esc(title)}</h2>',
         '<div class="meta">'
         f'<span class="policy">policy <b>{_esc(tree["policy"])}</b></span>'
-        f'<span>{tree["num_simulations"]} simulations</span>'
+        f'<span>{tree["num_simulations"]} simulations</span>{compute}'
         f'<span class="task">{_esc(tree["task"])}</span>'
         f'<span class="problem">{_esc(tree_io.problem_text(tree))}</span>'
         f'<span>prompt <code class="prompt">{_esc(prompt)}</code></span>'
@@ -292,7 +295,8 @@ _CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inlin
         "img-src data:")
 
 
-def to_html(tree_or_trees: TreeLike | Sequence[TreeLike], *, title: str | None = None) -> str:
+def to_html(tree_or_trees: TreeLike | Sequence[TreeLike], *, title: str | None = None,
+            min_visits: int = 0) -> str:
     """Renders one or more search trees as a self-contained interactive HTML page.
 
     Args:
@@ -300,10 +304,15 @@ def to_html(tree_or_trees: TreeLike | Sequence[TreeLike], *, title: str | None =
         them; two or more are shown side by side (e.g. PUCT vs Gumbel on the
         same problem).
       title: the page title; defaults to the tree's title or its problem.
+      min_visits: the visit filter's starting value: nodes with fewer visits
+        start hidden (the root always shows); the page's "min visits" box
+        changes it.
 
     Returns:
       The HTML document as a string. It loads nothing from the network.
     """
+    if isinstance(min_visits, bool) or not isinstance(min_visits, int) or min_visits < 0:
+        raise ValueError(f"min_visits={min_visits!r}. Fix: pass a non-negative integer")
     trees = _as_trees(tree_or_trees)
     if title is None:
         if len(trees) == 1:
@@ -328,7 +337,7 @@ def to_html(tree_or_trees: TreeLike | Sequence[TreeLike], *, title: str | None =
 <button type="button" id="collapse-all">Collapse all</button>
 <button type="button" id="show-chosen">Chosen path</button>
 <label for="min-visits">min visits</label>
-<input type="number" id="min-visits" min="0" step="1" value="0">
+<input type="number" id="min-visits" min="0" step="1" value="{min_visits}">
 <span class="legend"><span class="l-chosen">chosen path</span><span class="l-solved">solved</span><span class="l-dead">dead end</span><span class="l-invalid">invalid</span></span>
 </div>
 <main class="panels" style="grid-template-columns: repeat({len(trees)}, minmax(0, 1fr));">
@@ -341,9 +350,10 @@ def to_html(tree_or_trees: TreeLike | Sequence[TreeLike], *, title: str | None =
 
 
 def write_html(tree_or_trees: TreeLike | Sequence[TreeLike], path: str | os.PathLike, *,
-               title: str | None = None) -> Path:
-    """Writes `to_html(tree_or_trees, title=title)` to `path` (parent folders are created)."""
+               title: str | None = None, min_visits: int = 0) -> Path:
+    """Writes `to_html(tree_or_trees, ...)` to `path` (parent folders are created)."""
+    page = to_html(tree_or_trees, title=title, min_visits=min_visits)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_html(tree_or_trees, title=title), encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path

@@ -6,7 +6,7 @@ viewer in `alphareason/viz/` reads. A tree file is one JSON object:
     {"format": "alphareason.tree/1", "task": "game24",
      "problem": {"numbers": [4, 9, 10, 13], "target": 24},
      "prompt": "4,9,10,13>24\\n", "policy": "gumbel", "num_simulations": 16,
-     "title": "optional label", "root": NODE}
+     "title": "optional label", "token_forwards": 5120, "root": NODE}
 
 and every NODE is
 
@@ -14,13 +14,16 @@ and every NODE is
      "prior": 1.0, "value": 0.4, "reward": 0.0, "terminal": false,
      "solved": false, "valid": true, "chosen": true, "children": [NODE, ...]}
 
-`id` is the mctx node index (unique within a tree; an unvisited child has no
+(`title` and `token_forwards`, the search's compute in model token forwards,
+are optional.) `id` is the mctx node index (unique within a tree; an unvisited child has no
 mctx node and may carry mctx's UNVISITED index, -1), `action` the candidate
 index from the parent (null only at the root, unique among siblings), `step` the decoded step text
 ("" at the root), `q` the mean value from the parent's view (null when
 unvisited), `prior` the parent's prior probability of this step, `value` the
 network's value estimate at the node. `chosen` marks the path the search
-picked (at most one chosen child per node). Unknown extra fields are kept.
+picked (at most one chosen child per node). A terminal or invalid node is a
+leaf: mctx may visit it several times, but what it expands below it are
+copies, which the export leaves out. Unknown extra fields are kept.
 
 Trees are plain dicts so a notebook can build, edit and inspect them directly.
 """
@@ -150,6 +153,11 @@ def validate_tree(tree: Any, *, source: str = "tree") -> None:
     if tree.get("title") is not None and not isinstance(tree["title"], str):
         _fail(source, "top level", "title", f"is {_show(tree['title'])}",
               "set it to a string label or remove it")
+    forwards = tree.get("token_forwards")
+    if forwards is not None and not (_is_int(forwards) and forwards >= 0):
+        _fail(source, "top level", "token_forwards", f"is {_show(forwards)}",
+              "set it to the search's model token forwards as a non-negative integer, or remove it",
+              forwards)
     if "root" not in tree:
         _fail(source, "top level", "root", "is missing", "add the root node under \"root\"")
 
