@@ -148,3 +148,28 @@ def test_policy_loss_is_cross_entropy_to_action_weights_and_learns(task):
     entropy = -(0.8 * np.log(0.8) + 0.2 * np.log(0.2))
     assert losses[-1] < losses[0] - 0.5
     assert losses[-1] < entropy + 0.25
+
+
+def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, model):
+    """Invalid steps are pushed down (target 0) instead of being ignored; repeats are left out."""
+    _, tokens, length, cands = _states(task, seed=2)
+    cands = cands.copy()
+    cands[:, 3] = cands[:, 2]  # candidate 3 repeats candidate 2
+    valid = np.ones((B, K), bool)
+    valid[:, 1] = False  # invalid under the task
+    valid[:, 3] = False  # the search masks repeats too
+    weights = np.zeros((B, K), np.float32)
+    weights[:, 0], weights[:, 2] = 0.6, 0.4
+    batch = jax.tree.map(jnp.asarray, {
+        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": weights,
+        "search_value": np.zeros((B,), np.float32), "outcome": np.zeros((B,), np.float32)})
+    _, metrics = selfplay_loss(model, batch, policy_weight=1.0, value_weight=0.0)
+    distinct = np.array([True, True, True, False])
+    logprob, _ = candidate_logits(model, batch["tokens"], batch["length"], batch["candidates"],
+                                  jnp.ones((B, K), bool), tool=False, length_normalize=False)
+    logprob = np.asarray(logprob)[:, distinct]
+    log_pi = logprob - np.log(np.sum(np.exp(logprob - logprob.max(-1, keepdims=True)), -1, keepdims=True)) \
+        - logprob.max(-1, keepdims=True)
+    want = -np.mean(0.6 * log_pi[:, 0] + 0.4 * log_pi[:, 2])
+    np.testing.assert_allclose(float(metrics["policy_loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["invalid_mass"]), np.mean(np.exp(log_pi[:, 1])), rtol=1e-5)
