@@ -63,10 +63,24 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def per_row_keys(key) -> bool:
+    """True for a key array of shape [B] (one typed PRNG key per row), False for a single key."""
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def fold_in(key, data):
+    """``jax.random.fold_in`` for a single key or for one key per row."""
+    if per_row_keys(key):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.random.fold_in(key, data)
+
+
 def choose_tokens(logits, key, *, temperature=1.0, top_p=1.0, greedy=False) -> jax.Array:
     """logits f32[B, V] -> int32[B]: argmax, or a temperature + top-p sample.
 
     PAD and BOS are never chosen: they are not text a step can contain.
+    ``key`` is one PRNG key, or one typed key per row (shape [B]): then row
+    b's token depends only on its own key and logits, not on the batch.
     """
     logits = logits.at[:, jnp.array([PAD, BOS])].set(-jnp.inf)
     if greedy:
@@ -74,6 +88,8 @@ def choose_tokens(logits, key, *, temperature=1.0, top_p=1.0, greedy=False) -> j
     scaled = logits / temperature
     if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
         scaled = top_p_filter(scaled, top_p)
+    if per_row_keys(key):
+        return jax.vmap(jax.random.categorical)(key, scaled).astype(jnp.int32)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
@@ -88,7 +104,9 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
       cache: the prefix of every row (``B`` rows).
       logits: f32[B, V], the model's output at each prefix's last position
         (from ``prefill``, ``decode`` or a previous ``sample_step``).
-      key: PRNG key; the same key gives the same samples.
+      key: PRNG key; the same key gives the same samples. A typed key array
+        of shape [B] gives each row its own key (its samples then do not
+        depend on the other rows or on B).
       max_step_len: S, the most tokens a step may take; a row that reaches S
         tokens without SEP/EOS is truncated (``stopped`` False).
       temperature, top_p, greedy: how tokens are chosen (never PAD or BOS).
@@ -136,7 +154,7 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
     def write_one_token(s):
         i, writing = s["i"], ~s["done"]  # every writing row has length == i
         forcing = writing & (s["forced_left"] > 0)
-        chosen = choose_tokens(s["logits"], jax.random.fold_in(s["key"], i),
+        chosen = choose_tokens(s["logits"], fold_in(s["key"], i),
                                temperature=temperature, top_p=top_p, greedy=greedy)
         forced_token = s["forced"][rows, jnp.minimum(s["forced_pos"], width - 1)]
         token = jnp.where(writing, jnp.where(forcing, forced_token, chosen), PAD)

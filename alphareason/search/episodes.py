@@ -1,10 +1,12 @@
 """Episodes: solve a batch of problems by searching, stepping, and searching again.
 
 At every move the searcher runs from the current state of each unfinished
-chain of thought; one step is taken (argmax of the search's improved policy,
-or a sample from it at ``action_temperature``) and the search starts afresh
-from the new root (mctx keeps no tree between moves). This continues until
-every chain of thought is terminal or the task's step limit is reached.
+chain of thought; one action is taken (at ``action_temperature`` 0 the most
+visited candidate, ties broken by the search's improved policy; otherwise a
+sample from ``action_weights ** (1 / temperature)``) and the search starts
+afresh from the new root (mctx keeps no tree between moves). This continues
+until every chain of thought is terminal or the task's step limit is reached
+(for token-level search: steps x tokens per step).
 
 Each move is recorded exactly as self-play training needs it
 (``MoveRecord``), and each problem ends with its text, the Python verifier's
@@ -14,14 +16,14 @@ verdict and the compute spent.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from alphareason import tokenizer as tok
-from alphareason.search.mcts import Searcher, SearchResult
+from alphareason.search.env import INPUT_KEYS
+from alphareason.search.mcts import Searcher, SearchResult, greedy_action
 from alphareason.tasks import Problem, Verdict
 
 
@@ -36,7 +38,7 @@ class MoveRecord:
     action_weights: np.ndarray  # float32[B, K]: search policy (training target)
     search_value: np.ndarray  # float32[B]
     network_value: np.ndarray  # float32[B]
-    action: np.ndarray  # int32[B]: the step taken
+    action: np.ndarray  # int32[B]: the candidate taken (its step: ``candidates[b, action[b]]``)
     active: np.ndarray  # bool[B]: the episode was still running at this move
 
 
@@ -50,16 +52,19 @@ class EpisodeBatch:
     solved: np.ndarray  # bool[B]: as judged by the verifier
     token_forwards: np.ndarray  # int64[B]: model token forwards spent on each problem
     moves: list[MoveRecord]
-    num_steps: np.ndarray  # int32[B]: steps taken
+    num_steps: np.ndarray  # int32[B]: moves made (steps; tokens for token-level search)
 
     def solve_rate(self) -> float:
         return float(np.mean(self.solved)) if len(self.solved) else 0.0
 
 
-def choose_actions(key, action_weights, active, *, temperature: float):
-    """argmax of ``action_weights`` (temperature 0) or a sample from weights**(1/temperature)."""
+def choose_actions(key, visit_counts, action_weights, *, temperature: float):
+    """The move per row: ``greedy_action`` (temperature 0) or a sample from weights**(1/temperature).
+
+    visit_counts: int32[B, K]; action_weights: float32[B, K]. Returns int32[B].
+    """
     if temperature <= 0:
-        return jnp.argmax(action_weights, axis=-1).astype(jnp.int32)
+        return greedy_action(visit_counts, action_weights)
     logits = jnp.log(jnp.maximum(action_weights, 1e-30)) / temperature
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -72,13 +77,12 @@ class EpisodeRunner:
         self.env = searcher.env
         self.task = searcher.task
         self.action_temperature = action_temperature
-        self.max_moves = max_moves or self.task.max_steps
+        self.max_moves = max_moves or self.env.max_actions
         self._advance = jax.jit(self._advance_impl)
 
-    def _advance_impl(self, root, action, key, action_weights, inputs):
-        del inputs
+    def _advance_impl(self, root, action):
         nxt = self.env.transition(root, action)
-        return {k: nxt[k] for k in ("tokens", "length", "task_state", "done")}, nxt["solved"]
+        return {k: nxt[k] for k in INPUT_KEYS}, nxt["solved"]
 
     def run(self, params, problems: list[Problem], key, *, record: bool = True,
             problem_ids: np.ndarray | None = None) -> EpisodeBatch:
@@ -96,8 +100,8 @@ class EpisodeRunner:
             move_key = jax.random.fold_in(key, move)
             keys = jax.vmap(lambda i: jax.random.fold_in(move_key, i))(jnp.asarray(ids))
             result: SearchResult = self.searcher(params, keys, inputs)
-            action = choose_actions(jax.random.fold_in(move_key, 1 << 30), result.action_weights, ~done,
-                                    temperature=self.action_temperature)
+            action = choose_actions(jax.random.fold_in(move_key, 1 << 30), result.visit_counts,
+                                    result.action_weights, temperature=self.action_temperature)
             active = ~done
             forwards += np.where(active, np.asarray(result.token_forwards), 0)
             if record:
@@ -106,7 +110,7 @@ class EpisodeRunner:
                     candidates=np.asarray(result.root.candidates), cand_valid=np.asarray(result.root.cand_valid),
                     action_weights=np.asarray(result.action_weights), search_value=np.asarray(result.search_value),
                     network_value=np.asarray(result.network_value), action=np.asarray(action), active=active))
-            inputs, _ = self._advance(result.root, action, move_key, result.action_weights, inputs)
+            inputs, _ = self._advance(result.root, action)
             steps += active
             done = np.asarray(inputs["done"])
         tokens, length = np.asarray(inputs["tokens"]), np.asarray(inputs["length"])

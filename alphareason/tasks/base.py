@@ -78,6 +78,7 @@ class Task(abc.ABC):
     name: str
     #: Static shapes, used by the model, search and data code.
     max_steps: int  # steps in the longest solution the transition accepts
+    min_steps: int = 1  # steps in the shortest solution of any problem (a lower bound)
     max_step_len: int  # S: tokens in one step including the trailing SEP
     max_prompt_len: int  # tokens of BOS + prompt (including its SEP)
     max_trace_steps: int  # steps (lines) in the longest ``search_trace``

@@ -289,6 +289,7 @@ class CountdownTask(Task):
 
         n, m = self.num_numbers, self.max_number
         self.max_steps = n - 1
+        self.min_steps = n - 1 if self.use_all else 1  # with use_all every solution takes n - 1 steps
         self.value_bound = _bound(m, n)
         digits = lambda v: len(str(v))  # noqa: E731
         longest = max(digits(_bound(m, i)) + digits(_bound(m, j)) + digits(_bound(m, i + j)) + 2
