@@ -94,6 +94,7 @@ def default_config() -> ConfigDict:
     c.search.dirichlet_alpha = 0.3
     c.search.dirichlet_fraction = 0.25
     c.search.action_temperature = 1.0  # 0: argmax of visits
+    c.search.max_depth = 0  # 0: no limit; else mctx's depth limit (>= the task's minimum steps)
 
     c.selfplay = ConfigDict()
     c.selfplay.algorithm = "alphazero"  # "alphazero" | "expert_iteration" | "sft_only"

@@ -124,6 +124,7 @@ def test_baseline_algorithms_run(tmp_path, algorithm):
     ("model.max_len", 20, "model.max_len=20 is shorter"),
     ("search.policy", "uct", "search.policy='uct'"),
     ("search.candidates", "beam", "choose 'sample' or 'enumerate'"),
+    ("search.max_depth", 1, "search.max_depth=1 is below the 2 steps"),
 ])
 def test_inconsistent_configs_are_refused_before_work(tmp_path, key, value, message):
     config = loop_config()

@@ -70,7 +70,7 @@ def search_config(config: ConfigDict, *, num_simulations: int | None = None) -> 
     return SearchConfig(policy=s.policy, num_simulations=num_simulations or s.num_simulations,
                         max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
                         pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
-                        dirichlet_fraction=s.dirichlet_fraction)
+                        dirichlet_fraction=s.dirichlet_fraction, max_depth=s.get("max_depth", 0) or None)
 
 
 def validate_config(config: ConfigDict, task: Task) -> None:
@@ -100,7 +100,14 @@ def validate_config(config: ConfigDict, task: Task) -> None:
     if mcfg.max_len < needed:
         raise ConfigError(f"the model's context ({mcfg.max_len}) cannot hold a prompt and {task.max_steps} "
                           f"candidate steps of {task.max_step_len} tokens ({needed}); raise model.max_len")
-    SearchConfig(policy=config.search.policy)  # validates the policy name
+    try:
+        search_config(config)  # validates the policy name and the numbers
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    depth = config.search.get("max_depth", 0)
+    if depth and depth < task.min_steps:
+        raise ConfigError(f"search.max_depth={depth} is below the {task.min_steps} steps every solution of task "
+                          f"{task.name} takes: the search could never see a reward; raise it or set 0 (no limit)")
     if config.search.candidates not in ("sample", "enumerate"):
         raise ConfigError(f"search.candidates={config.search.candidates!r}; choose 'sample' or 'enumerate'")
 
