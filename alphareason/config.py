@@ -109,6 +109,9 @@ def default_config() -> ConfigDict:
     c.selfplay.value_weight = 1.0
     c.selfplay.sft_weight = 0.0
     c.selfplay.value_target = "outcome"  # "outcome" | "search_q"
+    # "softmax": CE between action_weights and the softmax of the K candidates' log-likelihoods;
+    # "likelihood": -sum_k action_weights[k] * log p(candidate k) (the sequences' own probabilities).
+    c.selfplay.policy_target = "softmax"
     c.selfplay.eval_simulations = 16
     c.selfplay.action_temperature = 1.0  # moves sampled from the search policy (0: argmax)
     c.selfplay.curriculum = False  # easy problems first, by the task's difficulty levels

@@ -16,6 +16,7 @@ verdict and the compute spent.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +73,17 @@ def choose_actions(key, visit_counts, action_weights, *, temperature: float):
 class EpisodeRunner:
     """Runs episodes with a ``Searcher``; compiled pieces are cached on the instance."""
 
-    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None):
+    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None,
+                 place: Callable[[Any], Any] | None = None):
+        """``place`` (optional) puts the batch's root inputs on devices, e.g.
+        ``functools.partial(parallel.shard_batch, mesh=mesh)`` to split the
+        problems over the mesh's data axis; the search follows its inputs."""
         self.searcher = searcher
         self.env = searcher.env
         self.task = searcher.task
         self.action_temperature = action_temperature
         self.max_moves = max_moves or self.env.max_actions
+        self.place = place
         self._advance = jax.jit(self._advance_impl)
 
     def _advance_impl(self, root, action):
@@ -90,6 +96,8 @@ class EpisodeRunner:
         B = len(problems)
         ids = np.arange(B) if problem_ids is None else np.asarray(problem_ids)
         inputs = jax.tree.map(jnp.asarray, self.env.initial(problems))
+        if self.place is not None:
+            inputs = self.place(inputs)
         forwards = np.zeros((B,), np.int64)
         steps = np.zeros((B,), np.int32)
         moves: list[MoveRecord] = []
@@ -99,6 +107,8 @@ class EpisodeRunner:
                 break
             move_key = jax.random.fold_in(key, move)
             keys = jax.vmap(lambda i: jax.random.fold_in(move_key, i))(jnp.asarray(ids))
+            if self.place is not None:
+                keys = self.place(keys)
             result: SearchResult = self.searcher(params, keys, inputs)
             action = choose_actions(jax.random.fold_in(move_key, 1 << 30), result.visit_counts,
                                     result.action_weights, temperature=self.action_temperature)

@@ -30,6 +30,7 @@ from alphareason.search.env import NEG_INF, after_equals, first_duplicates
 from alphareason.train.losses import sft_loss
 
 VALUE_TARGETS = ("outcome", "search_q")
+POLICY_TARGETS = ("softmax", "likelihood")
 
 
 def candidate_logits(model, tokens, length, candidates, mask, *, tool: bool, length_normalize: bool):
@@ -62,7 +63,7 @@ def candidate_logits(model, tokens, length, candidates, mask, *, tool: bool, len
 
 def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, value_weight: float = 1.0,
                   sft_weight: float = 0.0, value_target: str = "outcome", tool: bool = False,
-                  length_normalize: bool = False):
+                  length_normalize: bool = False, policy_target: str = "softmax"):
     """Total loss and metrics for one learner batch.
 
     ``batch`` holds the replay fields (``tokens, length, candidates,
@@ -70,6 +71,8 @@ def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, v
     ``sft_weight > 0``, ``sft``: a batch in the SFT format
     (``tokens, targets_mask, value_target, value_mask``).
     """
+    if policy_target not in POLICY_TARGETS:
+        raise ValueError(f"selfplay.policy_target={policy_target!r}; choose one of {POLICY_TARGETS}")
     if value_target not in VALUE_TARGETS:
         raise ValueError(f"selfplay.value_target={value_target!r}; choose one of {VALUE_TARGETS}")
     metrics = {}
@@ -86,7 +89,10 @@ def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, v
         has_target = jnp.sum(weights, -1) > 0
         target = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-9)
         log_pi = jax.nn.log_softmax(logits, axis=-1)
-        per_row = -jnp.sum(jnp.where(distinct, target * log_pi, 0.0), axis=-1)
+        if policy_target == "softmax":
+            per_row = -jnp.sum(jnp.where(distinct, target * log_pi, 0.0), axis=-1)
+        else:  # "likelihood": the candidates' own log-likelihoods, not renormalised over the K
+            per_row = -jnp.sum(jnp.where(weights > 0, target * logits, 0.0), axis=-1)
         policy_loss = jnp.sum(jnp.where(has_target, per_row, 0.0)) / jnp.maximum(jnp.sum(has_target), 1)
         pi = jnp.exp(log_pi)
         entropy = -jnp.sum(jnp.where(distinct, pi * log_pi, 0.0), axis=-1)

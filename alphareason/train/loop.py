@@ -169,7 +169,8 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task) -> Callable:
         def objective(m):
             return selfplay_loss(m, batch, policy_weight=weights[0], value_weight=weights[1],
                                  sft_weight=weights[2], value_target=sp.value_target,
-                                 tool=task.tool is not None, length_normalize=config.search.length_normalize)
+                                 tool=task.tool is not None, length_normalize=config.search.length_normalize,
+                                 policy_target=sp.get("policy_target", "softmax"))
 
         (_, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -263,7 +264,8 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
         builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
         demo_batches = builder.as_data_source(split="train")
 
-    runner = EpisodeRunner(searcher, action_temperature=sp.action_temperature)
+    runner = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
+                           place=lambda tree: shard_batch(tree, mesh))  # problems split over the data axis
     end = sp.iterations if stop_after_iterations is None else min(sp.iterations, iteration + stop_after_iterations)
     while iteration < end:
         it = iteration + 1
