@@ -5,8 +5,9 @@
   alphareason verify --task countdown FILE.jsonl
   alphareason search --workdir DIR --numbers 4 9 10 13 --target 24 [--json tree.json]
   alphareason data build --task countdown --size N [--data-dir DIR]
-  alphareason tree tree.json [--html out.html] [--svg out.svg]
+  alphareason tree tree.json [more.json ...] [--html out.html] [--svg out.svg] [--min-visits N]
   alphareason bench model|search|selfplay --out FILE.json
+  alphareason scaling --config configs/scaling_reduced.py --out DIR [--train] [--workdir TASK=DIR]
 
 Errors a user can cause are printed as one clear line (exit status 2), not as
 a traceback.
@@ -78,7 +79,7 @@ def _eval_settings(config, args):
     search = SearchConfig(policy=args.policy or s.policy, num_simulations=args.simulations or s.num_simulations,
                           max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
                           pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
-                          dirichlet_fraction=s.dirichlet_fraction)
+                          dirichlet_fraction=s.dirichlet_fraction, max_depth=s.get("max_depth", 0) or None)
     return EvalSettings(strategy=args.strategy, samples=args.samples, temperature=args.temperature,
                         batch_size=args.batch_size, env=env, search=search)
 
@@ -117,9 +118,21 @@ def cmd_eval(args, overrides) -> int:
     return 0
 
 
+def _get_task(name: str, options: dict):
+    """``tasks.get_task`` with an unknown task or option reported as a usage error."""
+    from alphareason.tasks import get_task
+    try:
+        return get_task(name, **options)
+    except ValueError as e:
+        raise UsageError(f"--task {name}: {e}") from None
+
+
 def cmd_verify(args, overrides) -> int:
-    from alphareason.tasks import ProblemError, get_task
-    task = get_task(args.task, **_task_options(args.option))
+    from alphareason.tasks import ProblemError
+    task = _get_task(args.task, _task_options(args.option))
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file}: no such results file; give the JSONL that `alphareason eval --out` wrote "
+                         f"(one JSON object with 'problem' and 'solution' per line)")
     failures, claimed_failures, total = 0, 0, 0
     with open(args.file) as f:
         for line_no, line in enumerate(f, 1):
@@ -197,16 +210,21 @@ def cmd_search(args, overrides) -> int:
 
 def cmd_tree(args, overrides) -> int:
     from alphareason.viz.cli import tree_main
-    return tree_main(args.path, html=args.html, svg=args.svg, dot=args.dot, depth=args.depth)
+    return tree_main(args.path, html=args.html, svg=args.svg, dot=args.dot, depth=args.depth, top=args.top,
+                     min_visits=args.min_visits)
 
 
 def cmd_data(args, overrides) -> int:
     from alphareason.data import build_dataset, make_spec
-    from alphareason.tasks import get_task, read_problems
+    from alphareason.tasks import read_problems
     task_options = _task_options(args.option)
+    task = _get_task(args.task, task_options)
+    for flag, value in (("--size", args.size), ("--heldout", args.heldout)):
+        if value < 0:
+            raise UsageError(f"{flag} {value}: the number of problems must be >= 0")
     exclude = ()
     if args.exclude:
-        exclude = tuple(json.dumps(p, sort_keys=True) for p in read_problems(args.exclude, get_task(args.task, **task_options)))
+        exclude = tuple(json.dumps(p, sort_keys=True) for p in read_problems(args.exclude, task))
     spec = make_spec(args.task, task_options, train_size=args.size, validation_size=args.heldout,
                      test_size=args.heldout, seed=args.seed, demonstrations=args.demonstrations, exclude=exclude)
     builder = build_dataset(spec, args.data_dir)
@@ -219,7 +237,7 @@ def cmd_data(args, overrides) -> int:
 def cmd_bench(args, overrides) -> int:
     if args.what == "model":
         from alphareason.bench.model_bench import run_model_bench
-        result = run_model_bench(args.out)
+        result = run_model_bench(args.out, quick=args.quick, overrides=overrides)
     elif args.what == "search":
         from alphareason.bench.search_bench import run_search_bench
         result = run_search_bench(args.out, quick=args.quick)
@@ -227,6 +245,28 @@ def cmd_bench(args, overrides) -> int:
         from alphareason.bench.selfplay_bench import run_selfplay_bench
         result = run_selfplay_bench(args.out, overrides=overrides)
     print(json.dumps(result, indent=1, default=str)[:4000])
+    return 0
+
+
+def cmd_scaling(args, overrides) -> int:
+    """Test-time compute scaling (experiments/test_time_scaling.py): strategies x budgets x difficulty."""
+    import importlib.util
+    from alphareason.config import load_config
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                        "test_time_scaling.py")
+    if not os.path.exists(path):
+        raise UsageError(f"{path} is missing: `alphareason scaling` runs the experiment script of a source checkout")
+    spec = importlib.util.spec_from_file_location("experiments.test_time_scaling", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    config = load_config(args.config, overrides)
+    try:
+        workdirs = experiment.parse_workdirs(args.workdir)
+        experiment.check_config(config, workdirs=workdirs)
+    except ValueError as e:
+        raise UsageError(str(e))
+    experiment.run_scaling(config, args.out, train=args.train, workdirs=workdirs, progress=not args.no_progress,
+                           command="alphareason " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -274,12 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the first move's search tree as JSON")
     s.set_defaults(fn=cmd_search)
 
-    tr = sub.add_parser("tree", help="show a saved search tree; write HTML / SVG / DOT")
-    tr.add_argument("path")
-    tr.add_argument("--html")
-    tr.add_argument("--svg")
-    tr.add_argument("--dot")
-    tr.add_argument("--depth", type=int, default=2)
+    from alphareason.viz.cli import add_arguments as add_tree_arguments
+    tr = sub.add_parser("tree", help="show saved search trees; write HTML (side by side) / SVG / DOT")
+    add_tree_arguments(tr)
     tr.set_defaults(fn=cmd_tree)
 
     d = sub.add_parser("data", help="build datasets")
@@ -300,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     b.set_defaults(fn=cmd_bench)
+
+    sc = sub.add_parser("scaling", help="test-time compute scaling: strategies x budgets x difficulty (Snell et al.)")
+    sc.add_argument("--config", default="configs/scaling_reduced.py", help="configs/scaling_reduced.py or scaling_full.py")
+    sc.add_argument("--out", required=True, help="output directory: scaling.md, scaling.json, plots, results")
+    sc.add_argument("--train", action="store_true", help="train (or resume) a small SFT model per task in OUT/<task>")
+    sc.add_argument("--workdir", action="append", default=[], help="TASK=DIR: evaluate this trained run (repeatable)")
+    sc.add_argument("--no-progress", action="store_true")
+    sc.set_defaults(fn=cmd_scaling)
     return p
 
 
@@ -312,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args, overrides)
     except (UsageError, ConfigError, ProblemError, CheckpointError, FileNotFoundError) as e:
-        print(f"alphareason {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the library wrote
+        print(f"alphareason {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nalphareason {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -41,8 +41,8 @@ def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: in
         model-written character of ``text`` or the EOS); 0 for BOS, prompt,
         PAD, tool-written characters, and everywhere for unsolved examples.
       value_target: float32[]: 1 if solved else 0.
-      value_mask: float32[T]: 1 from the prompt's last token to the last
-        token of the text (positions whose value estimate is trained).
+      value_mask: float32[T]: 1 at the prompt's last token and at the SEP
+        ending each step of the text (the states the search evaluates).
     """
     prompt_ids = tok.encode(prompt, bos=True)
     text_ids = tok.encode(text)
@@ -61,8 +61,13 @@ def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: in
         model_written = ~task.tool_mask(text)
         targets_mask[start: start + len(text_ids)] = model_written
         targets_mask[start + len(text_ids)] = 1.0
+    # The value head is trained where the search reads it: at the end of the
+    # prompt and at the end of every step (the SEP), i.e. at search nodes.
+    # Positions inside a step are not states, and positions shared by a
+    # solved and an unsolved chain of the same problem only add label noise.
     value_mask = np.zeros((seq_len,), np.float32)
-    value_mask[start - 1: start + len(text_ids)] = 1.0
+    value_mask[start - 1] = 1.0
+    value_mask[start: start + len(text_ids)] = np.asarray(text_ids) == tok.SEP
     return {"tokens": tokens, "targets_mask": targets_mask,
             "value_target": np.float32(solved), "value_mask": value_mask}
 

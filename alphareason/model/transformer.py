@@ -17,7 +17,9 @@ Shapes: ``B`` batch, ``T`` sequence length, ``S`` cache capacity (``T_max``),
 Precision: parameters are always float32. With ``compute_dtype="bfloat16"``
 every matmul casts its two inputs to bfloat16 and accumulates in float32
 (``preferred_element_type``); norms, softmax, the residual stream and the
-outputs stay float32. The KV cache is stored in the compute dtype (the
+outputs stay float32. The weight matmuls' gradient products are mixed
+precision too (``dense``: bfloat16 cotangent and operands, float32
+accumulation); the attention products' gradients are left to autodiff. The KV cache is stored in the compute dtype (the
 attention matmuls would cast it to that dtype anyway, so nothing is lost).
 
 Heads: the policy head is a separate (untied) ``[D, V]`` matrix; the value
@@ -28,6 +30,7 @@ chain of thought continued from this position ends solved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -132,6 +135,61 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def dense(x: jax.Array, w: jax.Array, dtype, *, contract: int = 1) -> jax.Array:
+    """``x [..., K...] @ w [K..., N...] -> [..., N...]`` as one 2-D matmul, float32 accumulation.
+
+    The last ``contract`` axes of ``x`` meet the first ``contract`` axes of
+    ``w``. Flattening batch and time into one axis keeps the weight gradient
+    a plain ``[K, M] @ [M, N]`` product: from ``btd,df->btf`` XLA's CPU
+    backend makes the gradient contract two axes and first transposes the
+    activations, which cost about a third of a training step.
+    """
+    lead, k_shape, n_shape = x.shape[:-contract], w.shape[:contract], w.shape[contract:]
+    k, n = math.prod(k_shape), math.prod(n_shape)
+    x2, w2 = x.reshape(-1, k), w.reshape(k, n)
+    if jnp.dtype(dtype) == jnp.float32:
+        y = jnp.dot(x2, w2, preferred_element_type=jnp.float32)
+    else:
+        y = _mixed_matmul(jnp.dtype(dtype), x2, w2)
+    return y.reshape(*lead, *n_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_matmul(dtype, x, w):
+    """``x [M, K] @ w [K, N]`` with ``dtype`` inputs and float32 accumulation,
+    forward and backward.
+
+    Left to autodiff, both gradient products would multiply the float32
+    cotangent by a ``dtype`` operand, which XLA computes in float32: two
+    thirds of the training FLOPs would get no faster. Here the cotangent is
+    cast to ``dtype`` and both products accumulate in float32; the gradients
+    come back in the inputs' dtypes.
+    """
+    return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(dtype, x, w):
+    x_low, w_low = x.astype(dtype), w.astype(dtype)
+    like = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))  # the input dtypes (residuals are arrays)
+    return jnp.dot(x_low, w_low, preferred_element_type=jnp.float32), (x_low, w_low, like)
+
+
+def _mixed_matmul_bwd(dtype, residuals, g):
+    x_low, w_low, (x_like, w_like) = residuals
+    g_low = g.astype(dtype)
+    dx = jax.lax.dot_general(g_low, w_low, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # x^T is materialised (the barrier stops XLA folding the transpose into
+    # the product): the CPU backend's fast low-precision kernels want the
+    # contracted axis last on the left, and otherwise XLA falls back to a
+    # float32 product.
+    x_t = jax.lax.optimization_barrier(x_low.T)
+    dw = jnp.dot(x_t, g_low, preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 _INIT_CHUNK = 1 << 16
 
 
@@ -172,9 +230,14 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))  # [Dh/2]
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    cos, sin = jnp.cos(angles)[:, :, None, None, :], jnp.sin(angles)[:, :, None, None, :]  # [B, T, 1, 1, Dh/2]
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two halves as a
+    # size-2 axis: a flip instead of a concatenate, which XLA's CPU loops
+    # handle several times slower (forward and backward). Same arithmetic.
+    halves = x.reshape(*x.shape[:-1], 2, half)  # [B, T, H, 2, Dh/2]
+    cos2 = jnp.concatenate([cos, cos], axis=-2)
+    sin2 = jnp.concatenate([-sin, sin], axis=-2)
+    return (halves * cos2 + jnp.flip(halves, axis=-2) * sin2).reshape(x.shape)
 
 
 class Attention(nnx.Module):
@@ -195,30 +258,54 @@ class Attention(nnx.Module):
           positions: int32[B, T] position of each query token (rotary angle).
           mask: bool[B, T, T_k] which keys each query may attend to.
           kv_cache: None for a full forward (keys are this call's own ``T``
-            tokens, ``T_k = T``); or ``(k, v, write_at)`` with ``k, v``
-            [B, S, H, Dh] this layer's cache and ``write_at`` int32[B] the
-            slot that receives this call's (single, ``T = 1``) token per row;
-            ``write_at = S`` (out of range) writes nothing for that row.
-            Then ``T_k = S`` and the keys are the updated cache.
+            tokens, ``T_k = T``); or ``(k, v, layer, write_at)`` for one
+            decode step (``T = 1``): ``k, v`` [L, B, S, H, Dh] the whole
+            cache, ``layer`` this layer's index in it and ``write_at``
+            int32[B] the slot that receives this call's token per row
+            (``write_at = S``, out of range, writes nothing for that row).
+            Then ``T_k = S``.
 
         Returns:
-          ``(y [B, T, D], k, v)`` where ``k, v`` are the keys and values
-          attended over: ``[B, T, H, Dh]`` (full) or the updated cache.
+          ``(y [B, T, D], k, v)``: for a full forward ``k, v`` [B, T, H, Dh]
+          are this call's keys and values; for a decode step, the whole
+          cache with this layer's slots written.
         """
-        qkv = matmul("btd,dkhe->btkhe", x, self.qkv[...], self.dtype)  # [B, T, 3, H, Dh]
+        qkv = dense(x, self.qkv[...], self.dtype)  # [B, T, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh] each
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
         if kv_cache is not None:
-            k_cache, v_cache, write_at = kv_cache
-            rows = jnp.arange(x.shape[0])
-            k = k_cache.at[rows, write_at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-            v = v_cache.at[rows, write_at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+            return self._decode_step(q, k, v, mask, kv_cache)
         scores = matmul("bqhe,bkhe->bhqk", q, k, self.dtype) / math.sqrt(q.shape[-1])  # [B, H, T, T_k]
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         heads = matmul("bhqk,bkhe->bqhe", probs, v, self.dtype)  # [B, T, H, Dh]
-        return matmul("bqhe,hed->bqd", heads, self.out[...], self.dtype), k, v
+        return dense(heads, self.out[...], self.dtype, contract=2), k, v
+
+
+    def _decode_step(self, q, k, v, mask, kv_cache):
+        """Attention of one new token per row over the cache; arguments as in ``__call__``."""
+        k_all, v_all, layer, write_at = kv_cache
+        rows = jnp.arange(q.shape[0])
+        # Written in place into the whole cache (a stack of per-layer caches
+        # would copy all of it every step).
+        k_all = k_all.at[layer, rows, write_at].set(k[:, 0].astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[layer, rows, write_at].set(v[:, 0].astype(v_all.dtype), mode="drop")
+
+        def rounded(a):  # a matmul input: rounded to the compute dtype, multiplied in float32 (exact)
+            return a.astype(self.dtype).astype(jnp.float32)
+
+        # The matmuls' products and float32 sums written as multiply-and-reduce:
+        # a matmul would transpose this layer's cache to [B, H, S, Dh] every step.
+        keys, values = rounded(k_all[layer]), rounded(v_all[layer])  # [B, S, H, Dh]
+        scores = jnp.sum(rounded(q[:, 0])[:, None] * keys, axis=-1) / math.sqrt(q.shape[-1])  # [B, S, H]
+        scores = jnp.where(mask[:, 0, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=1)
+        heads = jnp.sum(rounded(probs)[..., None] * values, axis=1)[:, None]  # [B, 1, H, Dh]
+        # Left to itself XLA fuses this sum into the output projection's
+        # matmul and runs it unvectorised (5x slower decoding).
+        heads = jax.lax.optimization_barrier(heads)
+        return dense(heads, self.out[...], self.dtype, contract=2), k_all, v_all
 
 
 class MLP(nnx.Module):
@@ -230,8 +317,8 @@ class MLP(nnx.Module):
         self.dtype = config.dtype
 
     def __call__(self, x):
-        h = jax.nn.gelu(matmul("btd,df->btf", x, self.up[...], self.dtype))
-        return matmul("btf,fd->btd", h, self.down[...], self.dtype)
+        h = jax.nn.gelu(dense(x, self.up[...], self.dtype))
+        return dense(h, self.down[...], self.dtype)
 
 
 class Block(nnx.Module):
@@ -277,7 +364,7 @@ class Transformer(nnx.Module):
     def _heads(self, x):
         """x: [B, T, D] residual stream -> (logits [B, T, V], value_logits [B, T])."""
         h = self.final_norm(x)
-        logits = matmul("btd,dv->btv", h, self.policy_head[...], self.config.dtype)
+        logits = dense(h, self.policy_head[...], self.config.dtype)
         value_logits = matmul("btd,d->bt", h, self.value_head[...], self.config.dtype) + self.value_bias[...]
         return logits, value_logits
 
@@ -367,14 +454,11 @@ class Transformer(nnx.Module):
         write_at = jnp.where(active, cache.lengths, cache.max_len)  # out of range: dropped
         mask = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None]  # [B, 1, S]
         x = self._embed(tokens[:, None], jnp.minimum(positions, self._max_position()))
-        keys, values = [], []
+        k_all, v_all = cache.k, cache.v
         for layer, block in enumerate(self.blocks):
-            x, k, v = block(x, positions, mask, (cache.k[layer], cache.v[layer], write_at))
-            keys.append(k)
-            values.append(v)
+            x, k_all, v_all = block(x, positions, mask, (k_all, v_all, layer, write_at))
         logits, value_logits = self._heads(x)
-        cache = KVCache(k=jnp.stack(keys), v=jnp.stack(values),
-                        lengths=cache.lengths + active.astype(jnp.int32))
+        cache = KVCache(k=k_all, v=v_all, lengths=cache.lengths + active.astype(jnp.int32))
         return logits[:, 0], value_logits[:, 0], cache
 
     def score_continuations(self, tokens, lengths, continuations):
