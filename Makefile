@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-all bench setup clean
+.PHONY: demo test test-all bench scaling setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-all: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/alphareason bench model --out benchmarks/results/model.json
 	$(VENV)/bin/alphareason bench search --out benchmarks/results/search.json
+	$(VENV)/bin/alphareason bench selfplay --out benchmarks/results/selfplay.json \
+	    --config.train.steps=600 --config.selfplay.iterations=4
+
+scaling: $(VENV)/.installed
+	$(VENV)/bin/alphareason scaling --config configs/scaling_reduced.py --out runs/scaling_reduced --train
 
 clean:
 	rm -rf $(VENV) runs

@@ -240,7 +240,7 @@ def cmd_bench(args, overrides) -> int:
         result = run_model_bench(args.out, quick=args.quick, overrides=overrides)
     elif args.what == "search":
         from alphareason.bench.search_bench import run_search_bench
-        result = run_search_bench(args.out, quick=args.quick)
+        result = run_search_bench(args.out, quick=args.quick, workdir=args.workdir)
     else:
         from alphareason.bench.selfplay_bench import run_selfplay_bench
         result = run_selfplay_bench(args.out, overrides=overrides)
@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["model", "search", "selfplay"])
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    b.add_argument("--workdir", help="search: time the search with this trained run's model (default: untrained)")
     b.set_defaults(fn=cmd_bench)
 
     sc = sub.add_parser("scaling", help="test-time compute scaling: strategies x budgets x difficulty (Snell et al.)")

@@ -54,7 +54,16 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def _setup(config_path: str, *, num_candidates: int):
+def _setup(config_path: str, *, num_candidates: int, workdir: str | None = None):
+    if workdir:  # a trained run: realistic trees (an untrained network's steps are almost all invalid)
+        from alphareason.config import from_json
+        from alphareason.train.sft import load_model
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = from_json(f.read())
+        model, task, _ = load_model(config, workdir)
+        graphdef, params = nnx.split(model)
+        env_cfg = EnvConfig(num_candidates=num_candidates, temperature=config.search.candidate_temperature)
+        return config, task, model, graphdef, params, env_cfg
     config = load_config(config_path)
     task = make_task(config)
     mcfg = make_model_config(config, task)
@@ -87,15 +96,17 @@ def model_only_fn(env: ReasoningEnv):
 
 def run_search_bench(out_path: str, *, config_path: str = "configs/countdown_tiny.py", quick: bool = False,
                      batch_sizes=(1, 16, 64, 256), throughput_simulations: int = 16,
-                     overhead_batch: int = 64, overhead_simulations: int = 64, num_candidates: int = 8) -> dict:
-    config, task, model, graphdef, params, env_cfg = _setup(config_path, num_candidates=num_candidates)
+                     overhead_batch: int = 64, overhead_simulations: int = 64, num_candidates: int = 8,
+                     workdir: str | None = None) -> dict:
+    config, task, model, graphdef, params, env_cfg = _setup(config_path, num_candidates=num_candidates,
+                                                            workdir=workdir)
     repeats = 1 if quick else 3
     if quick:
         batch_sizes, overhead_batch, overhead_simulations = (1, 16), 16, 16
     problems_all = task.generate(123, max(batch_sizes + (overhead_batch,)))
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()},
-              "config": config_path, "task": task.name, "parameters": count_params(model),
+              "config": config_path, "workdir": workdir, "task": task.name, "parameters": count_params(model),
               "num_candidates": num_candidates, "step_len": task.max_step_len, "seq_len": model.config.max_len,
               "throughput": [], "quick": quick}
 
