@@ -349,7 +349,8 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
         writer.write(it, "timing", {"checkpoint_seconds": time.time() - t0})
         iteration = it
         log(f"iteration {it}: greedy {row['greedy_solve_rate']:.1%}, MCTS@{sp.eval_simulations} "
-            f"{row['mcts_solve_rate']:.1%}, self-play solved {sp_metrics.get('selfplay_solve_rate', float('nan')):.1%}")
+            f"{row['mcts_solve_rate']:.1%}"
+            + (f", self-play solved {sp_metrics['selfplay_solve_rate']:.1%}" if sp_metrics else ""))
     writer.close()
     rows = read_metrics(workdir, "eval")
     log("")
