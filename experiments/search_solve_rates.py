@@ -34,12 +34,13 @@ def _problems(config, workdir, task, n: int, seed: int) -> list[dict]:
     return task.generate(seed, n, exclude=used)
 
 
-def _evaluate(model, task, problems, *, strategy, key, simulations=16, samples=1, candidates=8, batch_size=100):
+def _evaluate(model, task, problems, *, strategy, key, simulations=16, samples=1, candidates=8, batch_size=100,
+              mode="sample"):
     from alphareason.search.env import EnvConfig
     from alphareason.search.evaluate import EvalSettings, Evaluator
     from alphareason.search.mcts import SearchConfig
     settings = EvalSettings(strategy=strategy, samples=samples, temperature=0.7, batch_size=batch_size,
-                            env=EnvConfig(num_candidates=candidates),
+                            env=EnvConfig(num_candidates=candidates, candidates=mode),
                             search=SearchConfig(num_simulations=simulations,
                                                 max_num_considered_actions=candidates))
     t0 = time.time()
@@ -49,27 +50,35 @@ def _evaluate(model, task, problems, *, strategy, key, simulations=16, samples=1
 
 
 def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations: Sequence[int] = (16, 64, 256),
-        candidates: int = 8, seed: int = 2024) -> dict:
+        candidates: int = 8, seed: int = 2024, kinds: Sequence[str] = ("sft", "untrained", "untrained+legal")) -> dict:
     from alphareason.config import from_json
     from alphareason.model import Transformer
     from alphareason.train.sft import load_model
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "solve_rates.json")
     result = {"num_problems": num_problems, "candidates": candidates, "simulations": list(simulations), "tasks": {}}
+    if os.path.exists(path):  # add to an earlier run's rows
+        with open(path) as f:
+            result["tasks"] = json.load(f)["tasks"]
     key = jax.random.key(seed)
     for name, workdir in runs.items():
         with open(os.path.join(workdir, "config.json")) as f:
             config = from_json(f.read())
         trained, task, _ = load_model(config, workdir)
         problems = _problems(config, workdir, task, num_problems, seed)
-        models = {"sft": trained, "untrained": Transformer(trained.config, rngs=nnx.Rngs(0))}
-        result["tasks"][name] = {}
-        for kind, model in models.items():
+        untrained = Transformer(trained.config, rngs=nnx.Rngs(0))
+        # "+legal": the candidates are the task's legal steps (an untrained network's samples are all invalid).
+        models = {"sft": trained, "untrained": untrained, "untrained+legal": untrained}
+        result["tasks"].setdefault(name, {})
+        for kind in kinds:
+            model = models[kind]
+            mode = "enumerate" if kind.endswith("+legal") else "sample"
             rows = {"greedy": _evaluate(model, task, problems, strategy="greedy", key=key)}
             print(f"{name} {kind} greedy: {rows['greedy']}", flush=True)
             per_chain = max(rows["greedy"]["token_forwards"], 1.0)
             for sims in simulations:
                 mcts = _evaluate(model, task, problems, strategy="mcts", key=key, simulations=sims,
-                                 candidates=candidates, batch_size=50)
+                                 candidates=candidates, batch_size=50, mode=mode)
                 rows[f"mcts@{sims}"] = mcts
                 n = max(1, int(round(mcts["token_forwards"] / per_chain)))
                 bon = _evaluate(model, task, problems, strategy="sample", key=key, samples=n,
@@ -77,12 +86,14 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
                 rows[f"best_of_{n} (matches mcts@{sims})"] = bon
                 print(f"{name} {kind} mcts@{sims}: {mcts}; best-of-{n}: {bon}", flush=True)
             result["tasks"][name][kind] = rows
-            with open(os.path.join(out, "solve_rates.json"), "w") as f:
+            with open(path, "w") as f:
                 json.dump(result, f, indent=1)
     lines = [f"Solve rate / mean token forwards per problem, {num_problems} fresh held-out problems per task, "
-             f"K = {candidates} sampled candidate steps per node, best-of-N ranked by the value head.", ""]
-    for name, kinds in result["tasks"].items():
-        for kind, rows in kinds.items():
+             f"K = {candidates} sampled candidate steps per node, best-of-N ranked by the value head. "
+             f"`untrained+legal`: MCTS over the task's legal steps (enumerated by the task; prior from the "
+             f"untrained network).", ""]
+    for name, by_kind in result["tasks"].items():
+        for kind, rows in by_kind.items():
             lines += [f"**{name}, {kind} network**", "", "| strategy | solved | token forwards / problem |",
                       "|---|---:|---:|"]
             lines += [f"| {k} | {v['solve_rate']:.0%} | {v['token_forwards']:,.0f} |" for k, v in rows.items()]
@@ -98,9 +109,11 @@ def main(argv=None) -> int:
     p.add_argument("--run", action="append", required=True, help="TASK=WORKDIR of a trained run (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--problems", type=int, default=100)
+    p.add_argument("--kinds", nargs="+", default=["sft", "untrained", "untrained+legal"],
+                   choices=["sft", "untrained", "untrained+legal"])
     args = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in args.run)
-    run(runs, args.out, num_problems=args.problems)
+    run(runs, args.out, num_problems=args.problems, kinds=args.kinds)
     return 0
 
 
