@@ -184,3 +184,26 @@ def test_interrupted_or_failed_save_keeps_the_previous_checkpoint(tmp_path, monk
     restored, meta = reopened.restore({"w": np.zeros(6, np.float32)})
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert meta == {"step": 1}
+
+
+def test_solved_trajectories_are_encoded_like_demonstrations():
+    """The SFT term's batch equals the data pipeline's encoding of the same solutions."""
+    from alphareason import tokenizer as tok
+    from alphareason.data import encode_example
+    from alphareason.tasks import get_task
+    from alphareason.train.loop import sft_batch_from_trajectories
+    task = get_task("countdown", num_numbers=3, max_number=30, tool="calculator")
+    problems, T = task.generate(0, 4), 41
+    tokens = np.zeros((4, T), np.int32)
+    prompt_length, length = np.zeros(4, np.int32), np.zeros(4, np.int32)
+    for i, p in enumerate(problems):
+        ids, sol = tok.encode(task.prompt(p), bos=True), tok.encode(task.solve(p))
+        tokens[i, :len(ids) + len(sol) + 1] = ids + sol + [tok.EOS]
+        prompt_length[i], length[i] = len(ids), len(ids) + len(sol)
+    batch = sft_batch_from_trajectories(task, {"tokens": tokens, "prompt_length": prompt_length, "length": length})
+    np.testing.assert_array_equal(batch["tokens"], tokens)
+    for i, p in enumerate(problems):
+        want = encode_example(task, task.prompt(p), task.solve(p), True, T)
+        for k in want:
+            np.testing.assert_array_equal(batch[k][i], want[k])
+    assert batch["targets_mask"].sum() < (length - prompt_length + 1).sum()  # tool output is not a target

@@ -130,30 +130,16 @@ def selfplay_problems(task: Task, config: ConfigDict, iteration: int, exclude: l
 
 
 def sft_batch_from_trajectories(task: Task, traj: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Solved trajectories (token sequences) -> the SFT batch format (targets after the prompt)."""
-    from alphareason.search.env import after_equals
-    tokens = traj["tokens"]
-    T = tokens.shape[1]
-    pos = np.arange(T)[None]
-    start, end = traj["prompt_length"][:, None], traj["length"][:, None]
-    targets = (pos >= start) & (pos <= end)  # the steps and the EOS after them
-    if task.tool is not None:
-        # Tool-written characters (after '=' up to the line end) are not targets.
-        from alphareason import tokenizer as tok
-        after = np.zeros_like(targets)
-        for i in range(tokens.shape[0]):
-            inside = False
-            for t in range(int(start[i, 0]), int(end[i, 0])):
-                if tokens[i, t] == tok.EQUALS:
-                    inside = True
-                elif inside:
-                    after[i, t] = True
-                    if tokens[i, t] == tok.SEP:
-                        inside = False
-        targets &= ~after
-    value_mask = (pos >= start - 1) & (pos < end)
-    return {"tokens": tokens, "targets_mask": targets.astype(np.float32),
-            "value_target": np.ones((tokens.shape[0],), np.float32), "value_mask": value_mask.astype(np.float32)}
+    """Solved trajectories (token sequences) -> an SFT batch, encoded exactly as demonstrations are
+    (``data.encode_example``: targets after the prompt, tool-written characters masked, EOS at the end)."""
+    from alphareason import tokenizer as tok
+    seq_len = traj["tokens"].shape[1]
+    examples = []
+    for tokens, prompt_length, length in zip(traj["tokens"], traj["prompt_length"], traj["length"]):
+        prompt = tok.decode(tokens[:prompt_length])
+        text = tok.decode(tokens[prompt_length:length])
+        examples.append(encode_example(task, prompt, text, True, seq_len))
+    return collate(examples)
 
 
 def make_learner_step(graphdef, config: ConfigDict, task: Task) -> Callable:
