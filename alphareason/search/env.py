@@ -212,11 +212,9 @@ class ReasoningEnv:
             decoded = jnp.zeros((B,), jnp.int32)
             valid = legal & propose[:, None]
         else:
-            cache_k = tile_cache(cache, K)
-            logits_k = jnp.repeat(logits, K, axis=0)
             state_k = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), task_state)
-            propose_k = jnp.repeat(propose, K)
             if mode == "sample":
+                cache_k, logits_k, propose_k = tile_cache(cache, K), jnp.repeat(logits, K, 0), jnp.repeat(propose, K)
                 tool_fn = None
                 if self.task.tool is not None:
                     def tool_fn(step_tokens, step_length):
@@ -230,13 +228,12 @@ class ReasoningEnv:
                 num_sampled = sample.num_sampled.reshape(B, K)
             else:
                 steps, _ = jax.vmap(self.task.legal_steps)(task_state)  # [B, K, S]
-                flat = jnp.where(propose_k[:, None], steps.reshape(B * K, S), tok.PAD)
-                tool = after_equals(flat) if self.task.tool else jnp.zeros_like(flat, bool)
-                logprob, cand_length_flat = score_steps(model, cache_k, logits_k, flat, tool)
-                cands = flat.reshape(B, K, S)
-                logprob = logprob.reshape(B, K)
-                cand_length = cand_length_flat.reshape(B, K)
-                num_sampled = jnp.sum((~tool) & (flat != tok.PAD), -1).reshape(B, K)
+                cands = jnp.where(propose[:, None, None], steps, tok.PAD)
+                tool = after_equals(cands) if self.task.tool else jnp.zeros_like(cands, bool)
+                # All K steps of a row in one parallel pass over [prefix | step_0 | ... | step_{K-1}].
+                logprob = score_enumerated(model, tokens, length, cands, tool)
+                cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
+                num_sampled = jnp.sum((~tool) & (cands != tok.PAD), -1)
             decoded = cand_length.sum(-1)
             _, legal_k, _, _ = jax.vmap(self.task.step)(state_k, cands.reshape(B * K, S))
             valid = legal_k.reshape(B, K) & ~first_duplicates(cands) & propose[:, None]
@@ -363,6 +360,23 @@ def after_equals(steps) -> jax.Array:
     """bool[N, S]: tokens after the step's ``=`` (what the calculator tool writes)."""
     seen = jnp.cumsum(steps == tok.EQUALS, axis=-1) > 0
     return seen & (steps != tok.EQUALS) & (steps != tok.PAD)
+
+
+def score_enumerated(model, tokens, length, steps, tool_mask):
+    """Log-likelihood of the model-written tokens of K steps per prefix, in one parallel pass.
+
+    Equals ``score_steps`` through a tiled cache (tests/test_search.py checks it)
+    at ``T + K * S`` token forwards per row instead of ``K * S`` sequential decodes.
+
+    Args:
+      tokens: int32[B, T] prefixes; length: int32[B].
+      steps: int32[B, K, S], PAD after each step (all PAD: nothing to score).
+      tool_mask: bool[B, K, S], tokens written by a tool (not scored).
+    Returns: float32[B, K] summed log-probabilities.
+    """
+    logits, _ = model.score_continuations(tokens, length, steps)  # [B, K, S, V]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), steps[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where((steps != tok.PAD) & ~tool_mask, logp, 0.0), -1)
 
 
 def score_steps(model, cache, logits, steps, tool_mask):
