@@ -59,7 +59,9 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
     result = {"num_problems": num_problems, "candidates": candidates, "simulations": list(simulations), "tasks": {}}
     if os.path.exists(path):  # add to an earlier run's rows
         with open(path) as f:
-            result["tasks"] = json.load(f)["tasks"]
+            earlier = json.load(f)
+        result["tasks"] = earlier["tasks"]
+        result["simulations"] = sorted(set(earlier["simulations"]) | set(simulations))
     key = jax.random.key(seed)
     for name, workdir in runs.items():
         with open(os.path.join(workdir, "config.json")) as f:
@@ -73,10 +75,15 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
         for kind in kinds:
             model = models[kind]
             mode = "enumerate" if kind.endswith("+legal") else "sample"
-            rows = {"greedy": _evaluate(model, task, problems, strategy="greedy", key=key)}
+            # Rows already measured (an earlier, interrupted or partial run) are kept, not rerun.
+            rows = result["tasks"][name].setdefault(kind, {})
+            if "greedy" not in rows:
+                rows["greedy"] = _evaluate(model, task, problems, strategy="greedy", key=key)
             print(f"{name} {kind} greedy: {rows['greedy']}", flush=True)
             per_chain = max(rows["greedy"]["token_forwards"], 1.0)
             for sims in simulations:
+                if f"mcts@{sims}" in rows:
+                    continue
                 mcts = _evaluate(model, task, problems, strategy="mcts", key=key, simulations=sims,
                                  candidates=candidates, batch_size=50, mode=mode)
                 rows[f"mcts@{sims}"] = mcts
@@ -85,9 +92,8 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
                                 batch_size=max(n, min(4096, 40 * n)))
                 rows[f"best_of_{n} (matches mcts@{sims})"] = bon
                 print(f"{name} {kind} mcts@{sims}: {mcts}; best-of-{n}: {bon}", flush=True)
-            result["tasks"][name][kind] = rows
-            with open(path, "w") as f:
-                json.dump(result, f, indent=1)
+                _write_json(path, result)
+            _write_json(path, result)
     lines = [f"Solve rate / mean token forwards per problem, {num_problems} fresh held-out problems per task, "
              f"K = {candidates} sampled candidate steps per node, best-of-N ranked by the value head. "
              f"`untrained+legal`: MCTS over the task's legal steps (enumerated by the task; prior from the "
@@ -104,16 +110,24 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
     return result
 
 
+def _write_json(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", action="append", required=True, help="TASK=WORKDIR of a trained run (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--problems", type=int, default=100)
+    p.add_argument("--simulations", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--kinds", nargs="+", default=["sft", "untrained", "untrained+legal"],
                    choices=["sft", "untrained", "untrained+legal"])
     args = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in args.run)
-    run(runs, args.out, num_problems=args.problems, kinds=args.kinds)
+    run(runs, args.out, num_problems=args.problems, kinds=args.kinds, simulations=args.simulations)
     return 0
 
 

@@ -32,3 +32,40 @@ def test_selfplay_curves_share_the_sft_start_and_write_table_json_and_plot(tmp_p
         assert os.path.getsize(os.path.join(out, name)) > 0
     table = open(os.path.join(out, "curves.md")).read()
     assert "| expert_iteration | 1 |" in table
+
+
+def test_search_solve_rates_writes_every_row_and_keeps_measured_rows(tmp_path, monkeypatch):
+    from alphareason.config import load_config
+    from alphareason.train.sft import train_sft
+    from experiments import search_solve_rates
+
+    config = load_config("configs/countdown_tiny.py", [o[len("--config."):] for o in TINY])
+    workdir = str(tmp_path / "run")
+    train_sft(config, workdir, progress=False)
+    out = str(tmp_path / "rates")
+    calls = []
+    evaluate = search_solve_rates._evaluate
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["strategy"], kwargs.get("simulations"), kwargs.get("mode", "sample")))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(search_solve_rates, "_evaluate", counting)
+    result = search_solve_rates.run({"countdown": workdir}, out, num_problems=4, simulations=(2,),
+                                    candidates=4, kinds=("sft", "untrained+legal"))
+    rows = result["tasks"]["countdown"]
+    for kind in ("sft", "untrained+legal"):
+        assert set(rows[kind]) == {"greedy", "mcts@2", next(k for k in rows[kind] if k.startswith("best_of_"))}
+        for row in rows[kind].values():
+            assert 0.0 <= row["solve_rate"] <= 1.0 and row["token_forwards"] > 0
+    assert ("mcts", 2, "enumerate") in calls and ("mcts", 2, "sample") in calls
+    # A second call with one more budget measures only the new rows and keeps the first ones.
+    calls.clear()
+    again = search_solve_rates.run({"countdown": workdir}, out, num_problems=4, simulations=(2, 3),
+                                   candidates=4, kinds=("sft",))
+    assert [c[:2] for c in calls] == [("mcts", 3), ("sample", None)]
+    assert again["tasks"]["countdown"]["untrained+legal"] == rows["untrained+legal"]
+    assert again["simulations"] == [2, 3]
+    saved = json.load(open(os.path.join(out, "solve_rates.json")))
+    assert set(saved["tasks"]["countdown"]["sft"]) >= {"greedy", "mcts@2", "mcts@3"}
+    assert "**countdown, untrained+legal network**" in open(os.path.join(out, "solve_rates.md")).read()
