@@ -70,18 +70,11 @@ def cmd_train(args, overrides) -> int:
 
 
 def _eval_settings(config, args):
-    from alphareason.search.env import EnvConfig
     from alphareason.search.evaluate import EvalSettings
-    from alphareason.search.mcts import SearchConfig
-    s = config.search
-    env = EnvConfig(num_candidates=s.num_candidates, candidates=s.candidates, temperature=s.candidate_temperature,
-                    length_normalize=s.length_normalize)
-    search = SearchConfig(policy=args.policy or s.policy, num_simulations=args.simulations or s.num_simulations,
-                          max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
-                          pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
-                          dirichlet_fraction=s.dirichlet_fraction, max_depth=s.get("max_depth", 0) or None)
+    from alphareason.train.loop import env_config, search_config
     return EvalSettings(strategy=args.strategy, samples=args.samples, temperature=args.temperature,
-                        batch_size=args.batch_size, env=env, search=search)
+                        batch_size=args.batch_size, env=env_config(config),
+                        search=search_config(config, num_simulations=args.simulations, policy=args.policy))
 
 
 def heldout_problems(config, workdir: str, split: str = "validation"):

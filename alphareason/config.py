@@ -90,6 +90,8 @@ def default_config() -> ConfigDict:
     c.search.length_normalize = False
     c.search.max_num_considered_actions = 8
     c.search.gumbel_scale = 1.0
+    c.search.value_scale = 0.1  # Gumbel: weight of the completed Q-values (mctx's default)
+    c.search.rescale_values = True  # Gumbel: min-max normalise them over the root's children (mctx's default)
     c.search.pb_c_init = 1.25
     c.search.dirichlet_alpha = 0.3
     c.search.dirichlet_fraction = 0.25

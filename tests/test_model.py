@@ -14,26 +14,17 @@ from flax import nnx
 
 from alphareason.model import (KVCache, ModelConfig, Transformer, count_params, flops_per_token, matmul_params,
                                tile_cache)
+from alphareason.model.testing import forward, perturbed_model
 from alphareason.tokenizer import PAD, VOCAB_SIZE
 
 
 def make_model(seed=0, **overrides) -> Transformer:
-    """A micro model whose parameters are perturbed so every output is O(1) and
-    depends on everything (the zero-initialised value head included)."""
-    model = Transformer(ModelConfig.micro(**overrides), rngs=nnx.Rngs(seed))
-    rng = np.random.default_rng(seed)
-    params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape, np.float32), params))
-    return model
+    """A perturbed micro model (``alphareason.model.testing.perturbed_model``)."""
+    return perturbed_model(ModelConfig.micro(**overrides), seed=seed)
 
 
 # Jitted entry points over the split model, shared by the tests so that each
 # (model structure, shapes) pair compiles once.
-@functools.partial(jax.jit, static_argnums=0)
-def forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def prefill(graphdef, state, tokens, lengths, cache_len):
     model = nnx.merge(graphdef, state)

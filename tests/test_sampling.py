@@ -10,6 +10,7 @@ from flax import nnx, struct
 
 from alphareason.model import ModelConfig, Transformer, prefill_token_forwards, sample_step
 from alphareason.model.sampling import top_p_filter
+from alphareason.model.testing import forward, perturbed_model
 from alphareason.tokenizer import BOS, DIGIT0, EOS, EQUALS, PAD, SEP, VOCAB_SIZE, char_id, encode
 from alphareason.tokenizer import decode as detok
 
@@ -17,17 +18,8 @@ BATCH, PROMPT, SEQ, STEP = 12, 6, 16, 8  # rows, prompt width, cache and referen
 
 
 def make_model(seed=0) -> Transformer:
-    """A micro model with perturbed parameters (outputs O(1), value head non-zero)."""
-    model = Transformer(ModelConfig.micro(max_len=SEQ), rngs=nnx.Rngs(seed))
-    rng = np.random.default_rng(seed)
-    params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape, np.float32), params))
-    return model
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
+    """A perturbed micro model (outputs O(1), value head non-zero)."""
+    return perturbed_model(ModelConfig.micro(max_len=SEQ), seed=seed)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -675,3 +675,44 @@ def test_cli_eval_mcts(trained, tmp_path, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["num_problems"] == 3
     assert summary["solve_rate"] == pytest.approx(sum(r["solved"] for r in rows) / 3)
+
+
+def test_gumbel_improved_policy_follows_the_configured_q_transform(setup):
+    """action_weights = softmax(prior + (50 + max visits) * value_scale * q'), with q' the raw Q-values
+    (``rescale_values=False``) or stretched by 1 / (max - min) over the root's completed Q-values."""
+    task, graphdef, params = setup["task"], setup["graphdef"], setup["params"]
+    env = EnvConfig(candidates="enumerate", length_normalize=True)
+    weights, checked = {}, {True: 0, False: 0}
+    for rescale in (True, False):
+        s = Searcher(task, graphdef, env, SearchConfig(num_simulations=12, max_num_considered_actions=4,
+                                                       rescale_values=rescale, value_scale=0.1),
+                     seq_len=setup["seq_len"], keep_tree=True)
+        problems = setup["problems"]
+        res = s(params, jax.random.split(jax.random.key(SEED), len(problems)),
+                jax.tree.map(jnp.asarray, s.env.initial(problems)))
+        t = numpy_tree(res)
+        weights[rescale] = np.asarray(res.action_weights)
+        for b in range(len(problems)):
+            visits = t.children_visits[b, 0]
+            q = t.children_rewards[b, 0] + t.children_discounts[b, 0] * t.children_values[b, 0]
+            prior = t.children_prior_logits[b, 0]
+            logw = np.log(np.maximum(weights[rescale][b], 1e-30))
+            scale = (50 + visits.max()) * 0.1
+            seen = np.nonzero((visits > 0) & np.asarray(res.root.cand_valid[b]))[0]
+            for i in seen:
+                for j in seen:
+                    if abs(q[i] - q[j]) < 1e-3:
+                        continue
+                    stretch = ((logw[i] - logw[j]) - (prior[i] - prior[j])) / (scale * (q[i] - q[j]))
+                    if rescale:
+                        assert stretch >= 1 - 1e-4, (b, i, j, stretch)  # 1 / (max - min), Q-values in [0, 1]
+                    else:
+                        assert stretch == pytest.approx(1.0, abs=1e-4), (b, i, j)
+                    checked[rescale] += 1
+    assert checked[True] > 0 and checked[False] > 0, checked
+    assert not np.allclose(weights[True], weights[False], atol=1e-3)
+
+
+def test_search_config_refuses_a_non_positive_value_scale():
+    with pytest.raises(ValueError, match="value_scale"):
+        SearchConfig(value_scale=0.0)

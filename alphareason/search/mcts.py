@@ -20,6 +20,7 @@ per problem is the sum over the tree's nodes of expansions x cost.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -40,6 +41,15 @@ class SearchConfig:
     ``max_depth``: the most actions a simulation descends from the root (mctx's
     ``max_depth``; None: no limit); the node it reaches there is evaluated by
     the value head and never expanded further.
+
+    ``value_scale`` and ``rescale_values`` (Gumbel only) are those of mctx's
+    ``qtransform_completed_by_mix_value``: the improved policy is
+    ``softmax(prior_logits + (50 + max visits) * value_scale * q)``. With
+    ``rescale_values`` (mctx's default) the completed Q-values are min-max
+    normalised over the root's children first, which stretches small
+    differences between value-head estimates to the full [0, 1]. Rewards here
+    are already in [0, 1] (the exact verifier), so ``rescale_values=False``
+    keeps an uninformative value head from reshaping the training targets.
     """
 
     policy: str = "gumbel"
@@ -47,6 +57,8 @@ class SearchConfig:
     max_depth: int | None = None
     max_num_considered_actions: int = 8  # Gumbel: actions sampled without replacement at the root
     gumbel_scale: float = 1.0
+    value_scale: float = 0.1  # Gumbel: weight of the completed Q-values in the improved policy
+    rescale_values: bool = True  # Gumbel: min-max normalise the completed Q-values
     pb_c_init: float = 1.25  # PUCT
     dirichlet_alpha: float = 0.3  # PUCT root noise
     dirichlet_fraction: float = 0.25
@@ -59,6 +71,8 @@ class SearchConfig:
             raise ValueError(f"search.num_simulations must be >= 1, got {self.num_simulations}")
         if self.max_depth is not None and self.max_depth < 1:
             raise ValueError(f"search.max_depth={self.max_depth} must be >= 1 (or None for no limit)")
+        if not self.value_scale > 0:
+            raise ValueError(f"search.value_scale must be > 0, got {self.value_scale}")
         if self.max_num_considered_actions < 1:
             raise ValueError(f"search.max_num_considered_actions must be >= 1, got {self.max_num_considered_actions}")
 
@@ -145,7 +159,9 @@ class Searcher:
                 params, search_key, root, self.env.recurrent_fn, num_simulations=c.num_simulations,
                 invalid_actions=invalid, max_depth=c.max_depth,
                 max_num_considered_actions=min(c.max_num_considered_actions, self.num_candidates),
-                gumbel_scale=c.gumbel_scale)
+                gumbel_scale=c.gumbel_scale,
+                qtransform=functools.partial(mctx.qtransform_completed_by_mix_value, value_scale=c.value_scale,
+                                             rescale_values=c.rescale_values))
         else:
             out = mctx.muzero_policy(
                 params, search_key, root, self.env.recurrent_fn, num_simulations=c.num_simulations,

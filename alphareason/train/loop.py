@@ -65,10 +65,12 @@ def env_config(config: ConfigDict) -> EnvConfig:
                      length_normalize=s.length_normalize)
 
 
-def search_config(config: ConfigDict, *, num_simulations: int | None = None) -> SearchConfig:
+def search_config(config: ConfigDict, *, num_simulations: int | None = None, policy: str | None = None) -> SearchConfig:
+    """The config's ``search`` section as a ``SearchConfig`` (configs of older runs lack the newer keys)."""
     s = config.search
-    return SearchConfig(policy=s.policy, num_simulations=num_simulations or s.num_simulations,
+    return SearchConfig(policy=policy or s.policy, num_simulations=num_simulations or s.num_simulations,
                         max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
+                        value_scale=s.get("value_scale", 0.1), rescale_values=s.get("rescale_values", True),
                         pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
                         dirichlet_fraction=s.dirichlet_fraction, max_depth=s.get("max_depth", 0) or None)
 
