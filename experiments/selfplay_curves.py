@@ -13,6 +13,8 @@ Every run is resumable: rerunning the same command continues where it stopped.
   python experiments/selfplay_curves.py --config configs/countdown_tiny.py --out runs/curves_tiny
   python experiments/selfplay_curves.py --config configs/game24.py --out runs/curves_game24 \\
       --config.selfplay.iterations=6
+  python experiments/selfplay_curves.py --out runs/ablation --algorithms alphazero \\
+      --variant no_rescale search.rescale_values=False
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ ALGORITHMS = ("alphazero", "expert_iteration", "sft_only")
 
 
 def run_curves(config_path: str, out: str, *, algorithms: Sequence[str] = ALGORITHMS,
-               overrides: Sequence[str] = (), progress: bool = True) -> dict:
+               overrides: Sequence[str] = (), variants: dict[str, Sequence[str]] | None = None,
+               progress: bool = True) -> dict:
+    """One run per algorithm, then one per ``variants`` entry (name -> extra overrides, e.g.
+    ``{"no_rescale": ["search.rescale_values=False"]}``), all from the same SFT start."""
     from alphareason.config import load_config
     from alphareason.train.loop import run_training
     from alphareason.train.metrics import read_metrics
@@ -37,13 +42,26 @@ def run_curves(config_path: str, out: str, *, algorithms: Sequence[str] = ALGORI
 
     os.makedirs(out, exist_ok=True)
     base = load_config(config_path, overrides)
+    # Every run's config is loaded (and refused if wrong) before any training.
+    extras = {a: [f"selfplay.algorithm={a}"] for a in algorithms}
+    for name, extra in (variants or {}).items():
+        if name in extras or name == "sft":
+            raise ValueError(f"variant name {name!r} is taken (by an algorithm or the shared SFT start); "
+                             f"give each variant its own name")
+        extras[name] = list(extra)
+    configs = {name: load_config(config_path, list(overrides) + extra) for name, extra in extras.items()}
+    for name, config in configs.items():
+        changed = [k for k in ("task", "data", "model", "train") if config[k].to_dict() != base[k].to_dict()]
+        if changed:
+            raise ValueError(f"run {name!r} changes the {', '.join(changed)} section(s); every run here starts "
+                             f"from one shared SFT model, so a variant may only change search/selfplay/eval")
     # One SFT warm start shared by every algorithm.
     sft_dir = os.path.join(out, "sft")
     t0 = time.time()
     train_sft(base, sft_dir, progress=progress)
     sft_seconds = time.time() - t0
     runs = {}
-    for algorithm in algorithms:
+    for algorithm, config in configs.items():
         workdir = os.path.join(out, algorithm)
         if not os.path.exists(os.path.join(workdir, "checkpoints", "sft")):
             os.makedirs(workdir, exist_ok=True)
@@ -52,12 +70,11 @@ def run_curves(config_path: str, out: str, *, algorithms: Sequence[str] = ALGORI
                 if os.path.exists(src):
                     shutil.copytree(src, os.path.join(workdir, part), dirs_exist_ok=True)
             shutil.copy(os.path.join(sft_dir, "metrics.jsonl"), os.path.join(workdir, "metrics.jsonl"))
-        config = load_config(config_path, list(overrides) + [f"selfplay.algorithm={algorithm}"])
         print(f"== {algorithm} ({workdir})", flush=True)
         t0 = time.time()
         run_training(config, workdir, progress=progress)
         rows = read_metrics(workdir, "eval")
-        runs[algorithm] = {"seconds": time.time() - t0, "iterations": [
+        runs[algorithm] = {"seconds": time.time() - t0, "overrides": extras[algorithm], "iterations": [
             {k: r.get(k) for k in ("step", "greedy_solve_rate", "mcts_solve_rate", "selfplay_token_forwards",
                                    "learner_examples")} for r in rows]}
     result = {"config": config_path, "overrides": list(overrides), "name": base.name,
@@ -121,10 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/countdown_tiny.py")
     p.add_argument("--out", required=True)
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="an extra run from the same SFT start: a name, then its config overrides "
+                        "(repeatable), e.g. --variant no_rescale search.rescale_values=False")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args([a for a in argv if not a.startswith("--config.")])
-    run_curves(args.config, args.out, algorithms=args.algorithms, overrides=overrides,
+    variants = {v[0]: v[1:] for v in args.variant}
+    run_curves(args.config, args.out, algorithms=args.algorithms, overrides=overrides, variants=variants,
                progress=not args.no_progress)
     return 0
 

@@ -34,6 +34,26 @@ def test_selfplay_curves_share_the_sft_start_and_write_table_json_and_plot(tmp_p
     assert "| expert_iteration | 1 |" in table
 
 
+def test_selfplay_curves_variants_start_from_the_same_sft_and_bad_variants_are_refused(tmp_path):
+    import pytest
+    out = str(tmp_path / "ablation")
+    with pytest.raises(ValueError, match="model"):
+        run_curves("configs/countdown_tiny.py", out, algorithms=(), overrides=TINY, progress=False,
+                   variants={"wide": ["model.d_model=64"]})
+    with pytest.raises(ValueError, match="taken"):
+        run_curves("configs/countdown_tiny.py", out, algorithms=("alphazero",), overrides=TINY, progress=False,
+                   variants={"alphazero": ["search.rescale_values=False"]})
+    assert not os.path.exists(os.path.join(out, "sft")), "a refused variant must not start any work"
+    result = run_curves("configs/countdown_tiny.py", out, algorithms=("alphazero",), overrides=TINY,
+                        progress=False, variants={"no_rescale": ["search.rescale_values=False"]})
+    runs = result["runs"]
+    assert set(runs) == {"alphazero", "no_rescale"}
+    assert runs["no_rescale"]["overrides"] == ["search.rescale_values=False"]
+    assert runs["alphazero"]["iterations"][0] == runs["no_rescale"]["iterations"][0]
+    saved = json.load(open(os.path.join(out, "no_rescale", "config.json")))
+    assert saved["search"]["rescale_values"] is False
+
+
 def test_search_solve_rates_writes_every_row_and_keeps_measured_rows(tmp_path, monkeypatch):
     from alphareason.config import load_config
     from alphareason.train.sft import train_sft
