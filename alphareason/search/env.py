@@ -365,8 +365,9 @@ def after_equals(steps) -> jax.Array:
 def score_enumerated(model, tokens, length, steps, tool_mask):
     """Log-likelihood of the model-written tokens of K steps per prefix, in one parallel pass.
 
-    Equals ``score_steps`` through a tiled cache (tests/test_search.py checks it)
-    at ``T + K * S`` token forwards per row instead of ``K * S`` sequential decodes.
+    The same numbers as ``score_steps`` through a tiled cache (both are checked
+    against full forwards in the tests) at ``T + K * S`` token forwards per row,
+    in one call instead of S sequential decodes of K rows.
 
     Args:
       tokens: int32[B, T] prefixes; length: int32[B].

@@ -5,11 +5,12 @@ per step):
 
 * policy: cross-entropy between the search's ``action_weights`` and the
   softmax over the K candidates of their log-likelihoods under the current
-  network (the same quantity the search uses as its prior; invalid and
-  duplicate candidates are masked). The log-likelihoods come from one
-  prefill of the state and teacher-forced decoding of the candidates through
-  the tiled KV cache (``search.env.score_steps``), so gradients flow through
-  exactly the computation the search runs;
+  network (the quantity the search uses as its prior). Invalid candidates
+  stay in the softmax with target 0, so the network learns to avoid them;
+  only repeated candidates are left out. The log-likelihoods come from one
+  parallel pass over ``[state | cand_0 | ... | cand_{K-1}]``
+  (``Transformer.score_continuations``), equal to the search's cached
+  decoding (tested at 1e-5);
 * value: binary cross-entropy between the value head at the state's last
   token and the target: the episode's verified outcome (Monte-Carlo return,
   ``value_target="outcome"``) or the search's root value (``"search_q"``);
