@@ -50,14 +50,8 @@ def _task_options(pairs: Sequence[str]) -> dict:
 
 
 def _workdir_config(workdir: str, overrides: Sequence[str] = ()):
-    from alphareason.config import apply_overrides, from_json
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UsageError(f"{workdir} has no config.json: it is not a training run directory. Train first with "
-                         f"`alphareason train --config configs/countdown_tiny.py --workdir {workdir}`")
-    with open(path) as f:
-        config = from_json(f.read())
-    return apply_overrides(config, overrides)
+    from alphareason.config import apply_overrides, run_config
+    return apply_overrides(run_config(workdir), overrides)
 
 
 # ------------------------------------------------------------------ commands
@@ -77,13 +71,6 @@ def _eval_settings(config, args):
                         search=search_config(config, num_simulations=args.simulations, policy=args.policy))
 
 
-def heldout_problems(config, workdir: str, split: str = "validation"):
-    from alphareason.data import build_dataset, load_records
-    from alphareason.train.sft import data_dir, make_data_spec
-    builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
-    return [r["problem"] for r in load_records(builder.as_data_source(split=split))]
-
-
 def cmd_eval(args, overrides) -> int:
     import jax
     from alphareason.search.evaluate import Evaluator, format_table, summary, write_results
@@ -95,7 +82,8 @@ def cmd_eval(args, overrides) -> int:
         problems = read_problems(args.problems, task)
         source = args.problems
     else:
-        problems = heldout_problems(config, args.workdir, args.split)
+        from alphareason.train.sft import split_problems
+        problems = split_problems(config, args.workdir, args.split)
         source = f"held-out {args.split} split"
     if args.limit:
         problems = problems[: args.limit]

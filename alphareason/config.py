@@ -203,3 +203,13 @@ def to_json(config: ConfigDict) -> str:
 
 def from_json(text: str) -> ConfigDict:
     return ConfigDict(json.loads(text))
+
+
+def run_config(workdir: str) -> ConfigDict:
+    """The config a training run in ``workdir`` was made with (its ``config.json``)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{workdir} has no config.json: it is not a training run directory. Train first with "
+                          f"`alphareason train --config configs/countdown_tiny.py --workdir {workdir}`")
+    with open(path) as f:
+        return from_json(f.read())

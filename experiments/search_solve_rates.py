@@ -26,11 +26,9 @@ from flax import nnx
 
 
 def _problems(config, workdir, task, n: int, seed: int) -> list[dict]:
-    from alphareason.data import build_dataset, load_records
-    from alphareason.train.sft import data_dir, make_data_spec
-    builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
-    used = [r["problem"] for split in ("train", "validation", "test")
-            for r in load_records(builder.as_data_source(split=split))]
+    """``n`` fresh problems: in none of the run's data splits."""
+    from alphareason.train.sft import split_problems
+    used = [p for split in ("train", "validation", "test") for p in split_problems(config, workdir, split)]
     return task.generate(seed, n, exclude=used)
 
 
@@ -51,7 +49,7 @@ def _evaluate(model, task, problems, *, strategy, key, simulations=16, samples=1
 
 def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations: Sequence[int] = (16, 64, 256),
         candidates: int = 8, seed: int = 2024, kinds: Sequence[str] = ("sft", "untrained", "untrained+legal")) -> dict:
-    from alphareason.config import from_json
+    from alphareason.config import run_config
     from alphareason.model import Transformer
     from alphareason.train.sft import load_model
     os.makedirs(out, exist_ok=True)
@@ -64,8 +62,7 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
         result["simulations"] = sorted(set(earlier["simulations"]) | set(simulations))
     key = jax.random.key(seed)
     for name, workdir in runs.items():
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = from_json(f.read())
+        config = run_config(workdir)
         trained, task, _ = load_model(config, workdir)
         problems = _problems(config, workdir, task, num_problems, seed)
         untrained = Transformer(trained.config, rngs=nnx.Rngs(0))

@@ -13,11 +13,39 @@ from alphareason import tokenizer as tok
 from alphareason.model import ModelConfig, tile_cache
 from alphareason.model.sampling import sample_step
 from alphareason.model.testing import perturbed_model
-from alphareason.search.env import NEG_INF, after_equals, score_steps
+from alphareason.search.env import NEG_INF, after_equals
 from alphareason.tasks import get_task
 from alphareason.train.learner import candidate_logits, selfplay_loss
 
 B, K = 3, 4
+
+
+# The sequential reference: teacher-forcing each step through a tiled KV cache.
+def score_steps(model, cache, logits, steps, tool_mask):
+    """Teacher-forces ``steps`` through a cache; log-likelihood of the model-written tokens.
+
+    Args:
+      cache: a KV cache of the prefixes, one row per step.
+      logits: float32[N, V], the model's outputs at each prefix's last position.
+      steps: int32[N, S], PAD after the step (all PAD: nothing to score).
+      tool_mask: bool[N, S], tokens written by a tool (not scored).
+    Returns:
+      (logprob float32[N], length int32[N]): summed log-probabilities and tokens per step.
+    """
+    length = jnp.sum(steps != tok.PAD, axis=-1).astype(jnp.int32)
+
+    def body(i, carry):
+        logits, cache, total = carry
+        token = steps[:, i]
+        active = i < length
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], -1)[:, 0]
+        total = total + jnp.where(active & ~tool_mask[:, i], logp, 0.0)
+        new_logits, _, cache = model.decode(token, cache, active)
+        logits = jnp.where(active[:, None], new_logits, logits)
+        return logits, cache, total
+
+    _, _, total = jax.lax.fori_loop(0, steps.shape[1], body, (logits, cache, jnp.zeros(steps.shape[:1], jnp.float32)))
+    return total, length
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,34 @@ def test_cached_decoding_equals_full_forward(model):
     assert float(jnp.min(jnp.abs(full_values[:, 1:] - full_values[:, :-1]))) > 1e-4
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def score_continuations(graphdef, state, tokens, lengths, continuations):
+    return nnx.merge(graphdef, state).score_continuations(tokens, lengths, continuations)
+
+
+def test_score_continuations_equals_full_forwards(model):
+    """K continuations of ragged prefixes in one pass == K separate full forwards (logits and value)."""
+    graphdef, state = nnx.split(model)
+    batch, T, K, S = 3, 6, 4, 3
+    lengths = np.array([2, 6, 4])
+    prefix = np.array(random_tokens(5, (batch, T)))
+    prefix[np.arange(T)[None] >= lengths[:, None]] = 9  # garbage after each prefix: must be ignored
+    conts = np.asarray(random_tokens(6, (batch, K, S)))
+    logits, values = score_continuations(graphdef, state, jnp.asarray(prefix), jnp.asarray(lengths),
+                                         jnp.asarray(conts))
+    assert logits.shape == (batch, K, S, VOCAB_SIZE) and values.shape == (batch,)
+    for b in range(batch):
+        n = lengths[b]
+        seqs = np.concatenate([np.repeat(prefix[b:b + 1, :n], K, 0), conts[b]], 1)  # [K, n + S]
+        full_logits, full_values = forward(graphdef, state, jnp.asarray(seqs))
+        # Token s of continuation k is predicted at position n - 1 + s.
+        np.testing.assert_allclose(logits[b, :, 0], full_logits[:, n - 1], atol=1e-5)
+        np.testing.assert_allclose(logits[b, :, 1:], full_logits[:, n: n + S - 1], atol=1e-5)
+        np.testing.assert_allclose(values[b], full_values[0, n - 1], atol=1e-5)
+    # Different continuations really give different outputs, so the comparison can fail.
+    assert float(jnp.max(jnp.abs(logits[:, 0, 1:] - logits[:, 1, 1:]))) > 1e-2
+
+
 def test_decode_leaves_inactive_rows_untouched(rope_model):
     graphdef, state = nnx.split(rope_model)
     seq = random_tokens(4, (3, 16))

@@ -56,10 +56,9 @@ def _time(fn, repeats: int) -> float:
 
 def _setup(config_path: str, *, num_candidates: int, workdir: str | None = None):
     if workdir:  # a trained run: realistic trees (an untrained network's steps are almost all invalid)
-        from alphareason.config import from_json
+        from alphareason.config import run_config
         from alphareason.train.sft import load_model
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = from_json(f.read())
+        config = run_config(workdir)
         model, task, _ = load_model(config, workdir)
         graphdef, params = nnx.split(model)
         env_cfg = EnvConfig(num_candidates=num_candidates, temperature=config.search.candidate_temperature)

@@ -197,9 +197,9 @@ class ReasoningEnv:
         depth = inputs.get("depth", jnp.zeros_like(length))
         solved = inputs.get("solved", jnp.zeros_like(done))
         propose = ~done if self.max_depth is None else ~done & (depth < self.max_depth)  # [B]
-        cache = model.init_cache(B, self.seq_len)
-        logits, value_logits, cache = model.prefill(tokens, length, cache)
         mode = self.config.candidates
+        if mode != "enumerate":  # enumerated steps are scored with their prefix in one pass (below)
+            logits, value_logits, cache = model.prefill(tokens, length, model.init_cache(B, self.seq_len))
         if mode == "tokens":
             cands = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, :, None], (B, K, 1))
             rep = {k: jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), inputs[k])
@@ -231,7 +231,7 @@ class ReasoningEnv:
                 cands = jnp.where(propose[:, None, None], steps, tok.PAD)
                 tool = after_equals(cands) if self.task.tool else jnp.zeros_like(cands, bool)
                 # All K steps of a row in one parallel pass over [prefix | step_0 | ... | step_{K-1}].
-                logprob = score_enumerated(model, tokens, length, cands, tool)
+                logprob, value_logits = score_enumerated(model, tokens, length, cands, tool)
                 cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
                 num_sampled = jnp.sum((~tool) & (cands != tok.PAD), -1)
             decoded = cand_length.sum(-1)
@@ -365,46 +365,20 @@ def after_equals(steps) -> jax.Array:
 def score_enumerated(model, tokens, length, steps, tool_mask):
     """Log-likelihood of the model-written tokens of K steps per prefix, in one parallel pass.
 
-    The same numbers as ``score_steps`` through a tiled cache (both are checked
-    against full forwards in the tests) at ``T + K * S`` token forwards per row,
-    in one call instead of S sequential decodes of K rows.
+    The same numbers as teacher-forcing each step through a tiled KV cache
+    (checked against full forwards in the tests) at ``T + K * S`` token
+    forwards per row, in one call instead of S sequential decodes of K rows.
 
     Args:
       tokens: int32[B, T] prefixes; length: int32[B].
       steps: int32[B, K, S], PAD after each step (all PAD: nothing to score).
       tool_mask: bool[B, K, S], tokens written by a tool (not scored).
-    Returns: float32[B, K] summed log-probabilities.
+    Returns: (logprob float32[B, K] summed log-probabilities, value_logits float32[B] at each prefix's
+      last token, as ``prefill`` gives them).
     """
-    logits, _ = model.score_continuations(tokens, length, steps)  # [B, K, S, V]
+    logits, value_logits = model.score_continuations(tokens, length, steps)  # [B, K, S, V], [B]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), steps[..., None], -1)[..., 0]
-    return jnp.sum(jnp.where((steps != tok.PAD) & ~tool_mask, logp, 0.0), -1)
-
-
-def score_steps(model, cache, logits, steps, tool_mask):
-    """Teacher-forces ``steps`` through a cache; log-likelihood of the model-written tokens.
-
-    Args:
-      cache: a KV cache of the prefixes, one row per step.
-      logits: float32[N, V], the model's outputs at each prefix's last position.
-      steps: int32[N, S], PAD after the step (all PAD: nothing to score).
-      tool_mask: bool[N, S], tokens written by a tool (not scored).
-    Returns:
-      (logprob float32[N], length int32[N]): summed log-probabilities and tokens per step.
-    """
-    length = jnp.sum(steps != tok.PAD, axis=-1).astype(jnp.int32)
-
-    def body(i, carry):
-        logits, cache, total = carry
-        token = steps[:, i]
-        active = i < length
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], -1)[:, 0]
-        total = total + jnp.where(active & ~tool_mask[:, i], logp, 0.0)
-        new_logits, _, cache = model.decode(token, cache, active)
-        logits = jnp.where(active[:, None], new_logits, logits)
-        return logits, cache, total
-
-    _, _, total = jax.lax.fori_loop(0, steps.shape[1], body, (logits, cache, jnp.zeros(steps.shape[:1], jnp.float32)))
-    return total, length
+    return jnp.sum(jnp.where((steps != tok.PAD) & ~tool_mask, logp, 0.0), -1), value_logits
 
 
 def _example_problem(task: Task) -> Problem:

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from alphareason.config import ConfigDict, ConfigError
-from alphareason.data import BatchIterator, build_dataset, collate, encode_example, load_records
+from alphareason.data import BatchIterator, build_dataset, collate, encode_example
 from alphareason.model import count_params
 from alphareason.parallel import make_mesh, replicate, shard_batch
 from alphareason.search.env import EnvConfig
@@ -53,7 +53,7 @@ from alphareason.train.metrics import MetricsWriter, read_metrics
 from alphareason.train.progress import Progress
 from alphareason.train.replay import ReplayBuffer
 from alphareason.train.sft import (TrainingDiverged, data_dir, make_data_spec, make_model_config, make_optimizer,
-                                   make_task, restore_into, snapshot, train_sft)
+                                   make_task, restore_into, snapshot, split_problems, train_sft)
 
 ALGORITHMS = ("alphazero", "expert_iteration", "sft_only")
 
@@ -70,7 +70,8 @@ def search_config(config: ConfigDict, *, num_simulations: int | None = None, pol
     s = config.search
     return SearchConfig(policy=policy or s.policy, num_simulations=num_simulations or s.num_simulations,
                         max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
-                        value_scale=s.get("value_scale", 0.1), rescale_values=s.get("rescale_values", True),
+                        value_scale=s.get("value_scale", SearchConfig.value_scale),
+                        rescale_values=s.get("rescale_values", SearchConfig.rescale_values),
                         pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
                         dirichlet_fraction=s.dirichlet_fraction, max_depth=s.get("max_depth", 0) or None)
 
@@ -115,10 +116,6 @@ def validate_config(config: ConfigDict, task: Task) -> None:
 
 
 # ------------------------------------------------------------------- pieces
-def heldout(config: ConfigDict, workdir: str, split: str = "validation") -> list[dict]:
-    builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
-    records = load_records(builder.as_data_source(split=split))
-    return [r["problem"] for r in records][: config.eval.num_problems]
 
 
 def selfplay_problems(task: Task, config: ConfigDict, iteration: int, exclude: list[dict]) -> list[dict]:
@@ -199,8 +196,9 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
     sp = config.selfplay
     model = sft.model
     mcfg = model.config
-    eval_problems = heldout(config, workdir)
-    exclude = eval_problems + heldout(config, workdir, "test")
+    validation = split_problems(config, workdir, "validation")
+    eval_problems = validation[: config.eval.num_problems]
+    exclude = validation + split_problems(config, workdir, "test")  # never self-play on a held-out problem
 
     optimizer = make_optimizer(model, learning_rate=sp.learning_rate, steps=max(sp.iterations * sp.learner_steps, 2),
                                warmup_steps=min(50, sp.learner_steps), weight_decay=config.train.weight_decay,

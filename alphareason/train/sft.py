@@ -84,6 +84,13 @@ def data_dir(config: ConfigDict, workdir: str) -> str:
     return config.data.data_dir or os.path.join(workdir, "data")
 
 
+def split_problems(config: ConfigDict, workdir: str, split: str) -> list[dict]:
+    """Every problem of one split (``train``, ``validation``, ``test``) of the run's dataset."""
+    from alphareason.data import load_records
+    builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
+    return [r["problem"] for r in load_records(builder.as_data_source(split=split))]
+
+
 def make_optimizer(model: nnx.Module, *, learning_rate: float, steps: int, warmup_steps: int,
                    weight_decay: float, grad_clip: float) -> nnx.Optimizer:
     schedule = optax.warmup_cosine_decay_schedule(
