@@ -198,8 +198,7 @@ class ReasoningEnv:
         solved = inputs.get("solved", jnp.zeros_like(done))
         propose = ~done if self.max_depth is None else ~done & (depth < self.max_depth)  # [B]
         mode = self.config.candidates
-        if mode != "enumerate":  # enumerated steps are scored with their prefix in one pass (below)
-            logits, value_logits, cache = model.prefill(tokens, length, model.init_cache(B, self.seq_len))
+        logits, value_logits, cache = model.prefill(tokens, length, model.init_cache(B, self.seq_len))
         if mode == "tokens":
             cands = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, :, None], (B, K, 1))
             rep = {k: jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), inputs[k])
@@ -231,7 +230,7 @@ class ReasoningEnv:
                 cands = jnp.where(propose[:, None, None], steps, tok.PAD)
                 tool = after_equals(cands) if self.task.tool else jnp.zeros_like(cands, bool)
                 # All K steps of a row in one parallel pass over [prefix | step_0 | ... | step_{K-1}].
-                logprob, value_logits = score_enumerated(model, tokens, length, cands, tool)
+                logprob, _ = score_enumerated(model, tokens, length, cands, tool)
                 cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
                 num_sampled = jnp.sum((~tool) & (cands != tok.PAD), -1)
             decoded = cand_length.sum(-1)
