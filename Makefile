@@ -19,11 +19,16 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/alphareason train --config configs/countdown_tiny.py --workdir $(WORKDIR)
 
+# glibc's transparent-huge-page setting (alphareason/host_memory.py; the
+# alphareason command sets it itself): XLA's per-call buffers then cost a few
+# hundred page faults instead of tens of thousands. Ignored elsewhere.
+HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(HUGE_PAGES) $(PY) -m pytest -q -m "not slow" tests
 
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(HUGE_PAGES) $(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/alphareason bench model --out benchmarks/results/model.json

@@ -129,4 +129,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from alphareason.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before any work; see alphareason/host_memory.py
     sys.exit(main())

@@ -151,4 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from alphareason.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before any work; see alphareason/host_memory.py
     raise SystemExit(main())

@@ -674,4 +674,7 @@ def parse_workdirs(items: Sequence[str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    from alphareason.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before any work; see alphareason/host_memory.py
     sys.exit(main())

@@ -39,3 +39,6 @@ def test_model_bench_quick_writes_every_figure(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert set(written["summary"]) == {"train_fraction_of_peak", "bf16_train_speedup", "decode_cache_speedup"}
     assert written["model"]["d_model"] == 32 and written["model"]["batch_size"] == 8
+    for dtype in ("float32", "bfloat16"):
+        assert written["train"][dtype]["page_faults_per_step_median"] >= 0
+    assert isinstance(written["machine"]["huge_pages"]["glibc_tunable"], bool)

@@ -194,7 +194,7 @@ def test_tile_cache(rope_model):
     seq = random_tokens(6, (3, 16))
     _, _, cache = prefill(graphdef, state, seq[:, :6], jnp.array([3, 6, 2]), 16)
     tiled = tile_cache(cache, 2)
-    assert tiled.k.shape == (2, 6, 16, 2, 16)
+    assert tiled.k.shape == (2, 6, 2, 16, 16)  # [L, B, H, S, Dh]
     np.testing.assert_array_equal(tiled.lengths, [3, 3, 6, 6, 2, 2])
     for b in range(3):
         for j in range(2):

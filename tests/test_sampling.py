@@ -88,9 +88,9 @@ def check_against_full_forward(setup, out, active=None):
         np.testing.assert_allclose(out.value_logits[b], full_values[b, n + m - 1], atol=1e-5)
         # The cache holds prefix + step; the rest of the row was never written.
         assert int(out.cache.lengths[b]) == n + m
-        np.testing.assert_allclose(out.cache.k[:, b, :n + m], fresh.k[:, b, :n + m], atol=1e-5)
-        np.testing.assert_allclose(out.cache.v[:, b, :n + m], fresh.v[:, b, :n + m], atol=1e-5)
-        np.testing.assert_array_equal(out.cache.k[:, b, n + m:], setup["cache"].k[:, b, n + m:])
+        np.testing.assert_allclose(out.cache.k[:, b, :, :n + m], fresh.k[:, b, :, :n + m], atol=1e-5)
+        np.testing.assert_allclose(out.cache.v[:, b, :, :n + m], fresh.v[:, b, :, :n + m], atol=1e-5)
+        np.testing.assert_array_equal(out.cache.k[:, b, :, n + m:], setup["cache"].k[:, b, :, n + m:])
     assert int(out.token_forwards) == int(np.sum(out.length))
 
 

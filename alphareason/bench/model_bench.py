@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from typing import Callable, Sequence
@@ -44,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from alphareason.host_memory import huge_pages_active, transparent_huge_pages_mode
 
 TARGETS = {"train_fraction_of_peak": 0.40, "bf16_train_speedup": 1.5, "decode_cache_speedup": 10.0}
 
@@ -61,13 +64,19 @@ def _best_and_median(fn: Callable[[], object], repeats: int) -> tuple[float, flo
     return min(times), float(np.median(times))
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (XLA's per-call buffers cost them; see host_memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def machine_info() -> dict:
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "load_average_at_start": load}
+            "jax": jax.__version__, "backend": jax.default_backend(), "load_average_at_start": load,
+            "huge_pages": {"glibc_tunable": huge_pages_active(), "kernel_mode": transparent_huge_pages_mode()}}
 
 
 # ------------------------------------------------------------------ matmul peak
@@ -114,14 +123,15 @@ def train_throughput(config, task, mcfg, batches: list[dict], steps: int) -> dic
                                    weight_decay=t.weight_decay, grad_clip=t.grad_clip)
         graphdef, state = nnx.split((model, optimizer))
         step_fn = make_train_step(graphdef, policy_weight=t.policy_weight, value_weight=t.value_weight)
-        runs[name] = {"state": state, "step": step_fn, "times": [], "losses": []}
+        runs[name] = {"state": state, "step": step_fn, "times": [], "losses": [], "faults": []}
     for i in range(steps):
         batch = batches[i % len(batches)]
         for run in runs.values():
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             run["state"], metrics = run["step"](run["state"], batch)
             loss = float(metrics["loss"])  # waits for the step
             run["times"].append(time.perf_counter() - t0)
+            run["faults"].append(_minor_faults() - f0)
             run["losses"].append(loss)
     tokens = int(batches[0]["tokens"].size)
     out = {}
@@ -130,6 +140,7 @@ def train_throughput(config, task, mcfg, batches: list[dict], steps: int) -> dic
         best, median = min(timed), float(np.median(timed))
         out[name] = {"step_seconds_best": best, "step_seconds_median": median,
                      "tokens_per_s": tokens / best, "tokens_per_s_median": tokens / median,
+                     "page_faults_per_step_median": float(np.median(run["faults"][2:] or run["faults"])),
                      "losses": run["losses"]}
     return out
 
