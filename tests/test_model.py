@@ -164,9 +164,10 @@ def test_decode_leaves_inactive_rows_untouched(rope_model):
     _, _, cache = prefill(graphdef, state, seq[:, :6], jnp.array([5, 2, 4]), 16)
     _, _, new = decode(graphdef, state, seq[:, 6], cache, jnp.array([True, False, True]))
     np.testing.assert_array_equal(new.lengths, [6, 2, 5])
-    np.testing.assert_array_equal(new.k[:, 1], cache.k[:, 1])
-    np.testing.assert_array_equal(new.v[:, 1], cache.v[:, 1])
-    assert not np.array_equal(new.k[:, 0], cache.k[:, 0])
+    (new_k, new_v), (old_k, old_v) = new.stacked(), cache.stacked()  # [L, B, H, S, Dh]
+    np.testing.assert_array_equal(new_k[:, 1], old_k[:, 1])
+    np.testing.assert_array_equal(new_v[:, 1], old_v[:, 1])
+    assert not np.array_equal(new_k[:, 0], old_k[:, 0])
 
 
 def test_jit_through_split_and_merge_inside_one_function(rope_model):
@@ -194,12 +195,13 @@ def test_tile_cache(rope_model):
     seq = random_tokens(6, (3, 16))
     _, _, cache = prefill(graphdef, state, seq[:, :6], jnp.array([3, 6, 2]), 16)
     tiled = tile_cache(cache, 2)
-    assert tiled.k.shape == (2, 6, 2, 16, 16)  # [L, B, H, S, Dh]
+    (tiled_k, tiled_v), (k, v) = tiled.stacked(), cache.stacked()
+    assert tiled_k.shape == (2, 6, 2, 16, 16)  # [L, B, H, S, Dh]
     np.testing.assert_array_equal(tiled.lengths, [3, 3, 6, 6, 2, 2])
     for b in range(3):
         for j in range(2):
-            np.testing.assert_array_equal(tiled.k[:, b * 2 + j], cache.k[:, b])
-            np.testing.assert_array_equal(tiled.v[:, b * 2 + j], cache.v[:, b])
+            np.testing.assert_array_equal(tiled_k[:, b * 2 + j], k[:, b])
+            np.testing.assert_array_equal(tiled_v[:, b * 2 + j], v[:, b])
     # Decoding on the tiled cache continues each copy from its source row.
     tokens = jnp.array([5, 9, 11], jnp.int32)
     ref, _, _ = decode(graphdef, state, tokens, cache, jnp.ones(3, bool))

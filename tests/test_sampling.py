@@ -66,6 +66,8 @@ def check_against_full_forward(setup, out, active=None):
     log_probs = np.asarray(jax.nn.log_softmax(full_logits, axis=-1))
     _, _, fresh = prefill(setup["graphdef"], setup["state"], jnp.asarray(seq), jnp.asarray(
         setup["lengths"] + np.asarray(out.length)))
+    (out_k, out_v), (fresh_k, fresh_v), (start_k, start_v) = (
+        c.stacked() for c in (out.cache, fresh, setup["cache"]))  # [L, B, H, S, Dh] each
     for b in range(BATCH):
         n, m = int(setup["lengths"][b]), int(out.length[b])
         step = np.asarray(out.tokens[b])
@@ -76,8 +78,8 @@ def check_against_full_forward(setup, out, active=None):
         assert m == STEP or out.stopped[b] or not active[b]
         if not active[b]:
             assert m == 0
-            np.testing.assert_array_equal(out.cache.k[:, b], setup["cache"].k[:, b])
-            np.testing.assert_array_equal(out.cache.v[:, b], setup["cache"].v[:, b])
+            np.testing.assert_array_equal(out_k[:, b], start_k[:, b])
+            np.testing.assert_array_equal(out_v[:, b], start_v[:, b])
             continue
         # Untempered log-likelihood of the step under the full forward.
         expected = sum(log_probs[b, n - 1 + i, step[i]] for i in range(m))
@@ -88,9 +90,9 @@ def check_against_full_forward(setup, out, active=None):
         np.testing.assert_allclose(out.value_logits[b], full_values[b, n + m - 1], atol=1e-5)
         # The cache holds prefix + step; the rest of the row was never written.
         assert int(out.cache.lengths[b]) == n + m
-        np.testing.assert_allclose(out.cache.k[:, b, :, :n + m], fresh.k[:, b, :, :n + m], atol=1e-5)
-        np.testing.assert_allclose(out.cache.v[:, b, :, :n + m], fresh.v[:, b, :, :n + m], atol=1e-5)
-        np.testing.assert_array_equal(out.cache.k[:, b, :, n + m:], setup["cache"].k[:, b, :, n + m:])
+        np.testing.assert_allclose(out_k[:, b, :, :n + m], fresh_k[:, b, :, :n + m], atol=1e-5)
+        np.testing.assert_allclose(out_v[:, b, :, :n + m], fresh_v[:, b, :, :n + m], atol=1e-5)
+        np.testing.assert_array_equal(out_k[:, b, :, n + m:], start_k[:, b, :, n + m:])
     assert int(out.token_forwards) == int(np.sum(out.length))
 
 

@@ -104,23 +104,33 @@ class KVCache:
 
     Row ``b`` holds positions ``0 .. lengths[b] - 1``; what lies beyond is
     stale and never attended to. Keys are stored after the rotary embedding.
-    Heads come before positions so that a decode step's attention is a
-    batched matrix-vector product over ``(B, H)`` that reads the cache as it
-    lies (with positions first, XLA transposes it or runs an unvectorised
-    reduction, and decoding is 1.2x slower).
+
+    The layout is chosen for the decode step. One array per layer (not one
+    ``[L, ...]`` array): a decode step writes its token into each layer's
+    array in place and reads it whole, where slicing a layer out of a stacked
+    array copies it every step. Heads before positions: the step's attention
+    is then a batched matrix-vector product over ``(B, H)`` that reads the
+    cache as it lies (with positions first XLA transposes it or runs an
+    unvectorised reduction). Together: 1.5x faster decoding at batch 64.
+    Every leaf has the batch first, so selecting or repeating rows is a
+    ``jax.tree.map`` over the cache.
     """
 
-    k: jax.Array  # [L, B, H, S, Dh], compute dtype
-    v: jax.Array  # [L, B, H, S, Dh], compute dtype
+    k: tuple[jax.Array, ...]  # L arrays [B, H, S, Dh], compute dtype
+    v: tuple[jax.Array, ...]  # L arrays [B, H, S, Dh], compute dtype
     lengths: jax.Array  # int32[B], filled positions per row
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.lengths.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    def stacked(self) -> tuple[jax.Array, jax.Array]:
+        """Keys and values as ``[L, B, H, S, Dh]`` arrays (a copy; for inspection and tests)."""
+        return jnp.stack(self.k), jnp.stack(self.v)
 
 
 def tile_cache(cache: KVCache, num_copies: int) -> KVCache:
@@ -128,9 +138,7 @@ def tile_cache(cache: KVCache, num_copies: int) -> KVCache:
 
     Used to sample K candidate steps per problem from one prefill.
     """
-    return KVCache(k=jnp.repeat(cache.k, num_copies, axis=1),
-                   v=jnp.repeat(cache.v, num_copies, axis=1),
-                   lengths=jnp.repeat(cache.lengths, num_copies, axis=0))
+    return jax.tree.map(lambda a: jnp.repeat(a, num_copies, axis=0), cache)
 
 
 # ----------------------------------------------------------------- layers
@@ -262,17 +270,16 @@ class Attention(nnx.Module):
           positions: int32[B, T] position of each query token (rotary angle).
           mask: bool[B, T, T_k] which keys each query may attend to.
           kv_cache: None for a full forward (keys are this call's own ``T``
-            tokens, ``T_k = T``); or ``(k, v, layer, write_at)`` for one
-            decode step (``T = 1``): ``k, v`` [L, B, H, S, Dh] the whole
-            cache, ``layer`` this layer's index in it and ``write_at``
-            int32[B] the slot that receives this call's token per row
-            (``write_at = S``, out of range, writes nothing for that row).
-            Then ``T_k = S``.
+            tokens, ``T_k = T``); or ``(k, v, write_at)`` for one
+            decode step (``T = 1``): ``k, v`` [B, H, S, Dh] this layer's
+            cache and ``write_at`` int32[B] the slot that receives this
+            call's token per row (``write_at = S``, out of range, writes
+            nothing for that row). Then ``T_k = S``.
 
         Returns:
           ``(y [B, T, D], k, v)``: for a full forward ``k, v`` [B, T, H, Dh]
-          are this call's keys and values; for a decode step, the whole
-          cache with this layer's slots written.
+          are this call's keys and values; for a decode step, this layer's
+          cache with the new slots written.
         """
         qkv = dense(x, self.qkv[...], self.dtype)  # [B, T, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh] each
@@ -289,18 +296,15 @@ class Attention(nnx.Module):
 
     def _decode_step(self, q, k, v, mask, kv_cache):
         """Attention of one new token per row over the cache; arguments as in ``__call__``."""
-        k_all, v_all, layer, write_at = kv_cache
+        keys, values, write_at = kv_cache
         rows = jnp.arange(q.shape[0])
-        # Written in place into the whole cache (a stack of per-layer caches
-        # would copy all of it every step).
-        k_all = k_all.at[layer, rows, :, write_at].set(k[:, 0].astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[layer, rows, :, write_at].set(v[:, 0].astype(v_all.dtype), mode="drop")
-        keys, values = k_all[layer], v_all[layer]  # [B, H, S, Dh]
+        keys = keys.at[rows, :, write_at].set(k[:, 0].astype(keys.dtype), mode="drop")  # in place
+        values = values.at[rows, :, write_at].set(v[:, 0].astype(values.dtype), mode="drop")
         scores = matmul("bhe,bhse->bhs", q[:, 0], keys, self.dtype) / math.sqrt(q.shape[-1])  # [B, H, S]
         scores = jnp.where(mask[:, 0, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         heads = matmul("bhs,bhse->bhe", probs, values, self.dtype)[:, None]  # [B, 1, H, Dh]
-        return dense(heads, self.out[...], self.dtype, contract=2), k_all, v_all
+        return dense(heads, self.out[...], self.dtype, contract=2), keys, values
 
 
 class MLP(nnx.Module):
@@ -395,8 +399,9 @@ class Transformer(nnx.Module):
         if c.positions == "learned" and max_len > c.max_len:
             raise ValueError(f"cache max_len={max_len} exceeds the learned position table "
                              f"(config.max_len={c.max_len}); use a shorter cache or a larger max_len")
-        shape = (c.num_layers, batch_size, c.num_heads, max_len, c.head_dim)
-        return KVCache(k=jnp.zeros(shape, c.dtype), v=jnp.zeros(shape, c.dtype),
+        shape = (batch_size, c.num_heads, max_len, c.head_dim)
+        return KVCache(k=tuple(jnp.zeros(shape, c.dtype) for _ in range(c.num_layers)),
+                       v=tuple(jnp.zeros(shape, c.dtype) for _ in range(c.num_layers)),
                        lengths=jnp.zeros((batch_size,), jnp.int32))
 
     def prefill(self, tokens, lengths, cache: KVCache):
@@ -423,9 +428,11 @@ class Transformer(nnx.Module):
         lengths = jnp.asarray(lengths, jnp.int32)
         last = x[jnp.arange(batch), lengths - 1][:, None]  # [B, 1, D]
         logits, value_logits = self._heads(last)
-        heads_first = (0, 1, 3, 2, 4)  # [L, B, T, H, Dh] -> [L, B, H, T, Dh]
-        cache = KVCache(k=cache.k.at[:, :, :, :length].set(keys.transpose(heads_first).astype(cache.k.dtype)),
-                        v=cache.v.at[:, :, :, :length].set(values.transpose(heads_first).astype(cache.v.dtype)),
+        def fill(layers, new):  # new [L, B, T, H, Dh] -> each layer's [B, H, :T, Dh]
+            return tuple(a.at[:, :, :length].set(n.transpose(0, 2, 1, 3).astype(a.dtype))
+                         for a, n in zip(layers, new))
+
+        cache = KVCache(k=fill(cache.k, keys), v=fill(cache.v, values),
                         lengths=lengths)
         return logits[:, 0], value_logits[:, 0], cache
 
@@ -450,11 +457,13 @@ class Transformer(nnx.Module):
         write_at = jnp.where(active, cache.lengths, cache.max_len)  # out of range: dropped
         mask = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None]  # [B, 1, S]
         x = self._embed(tokens[:, None], jnp.minimum(positions, self._max_position()))
-        k_all, v_all = cache.k, cache.v
-        for layer, block in enumerate(self.blocks):
-            x, k_all, v_all = block(x, positions, mask, (k_all, v_all, layer, write_at))
+        keys, values = [], []
+        for block, k, v in zip(self.blocks, cache.k, cache.v):
+            x, k, v = block(x, positions, mask, (k, v, write_at))
+            keys.append(k)
+            values.append(v)
         logits, value_logits = self._heads(x)
-        cache = KVCache(k=k_all, v=v_all, lengths=cache.lengths + active.astype(jnp.int32))
+        cache = KVCache(k=tuple(keys), v=tuple(values), lengths=cache.lengths + active.astype(jnp.int32))
         return logits[:, 0], value_logits[:, 0], cache
 
     def score_continuations(self, tokens, lengths, continuations):

@@ -682,8 +682,7 @@ class StrategyRunner:
             for name in ("logits", "value_logits", "tokens", "length", "done", "solved", "holds", "cut"):
                 n[name] = take(c[name])
             n["state"] = jax.tree.map(take, c["state"])
-            n["cache"] = c["cache"].replace(k=jnp.take(c["cache"].k, flat, axis=1),
-                                            v=jnp.take(c["cache"].v, flat, axis=1), lengths=take(c["cache"].lengths))
+            n["cache"] = jax.tree.map(take, c["cache"])  # every cache leaf is batch-first
             filled = filled.reshape(BN)
             n["holds"] = n["holds"] & filled
             n["done"] = n["done"] | ~filled
