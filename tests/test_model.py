@@ -219,3 +219,18 @@ def test_config_errors_name_the_value():
     model = nnx.eval_shape(lambda: Transformer(ModelConfig.micro(positions="learned"), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="max_len=64"):
         model.init_cache(1, 64)
+
+
+def test_bfloat16_cached_decoding_equals_its_full_forward():
+    """The cache holds bf16 keys/values and decode's attention uses the same mixed-precision products."""
+    graphdef, state = nnx.split(make_model(positions="rope", compute_dtype="bfloat16"))
+    seq, lengths = random_tokens(3, (3, 16)), jnp.array([3, 6, 4], jnp.int32)
+    logits, values, cache = prefill(graphdef, state, seq[:, :6], lengths, 16)
+    assert all(k.dtype == jnp.bfloat16 for k in cache.k)
+    full_logits, full_values = forward(graphdef, state, seq)
+    pos = np.asarray(lengths) - 1
+    for _ in range(6):
+        np.testing.assert_allclose(logits, full_logits[np.arange(3), pos], atol=1e-5)
+        np.testing.assert_allclose(values, full_values[np.arange(3), pos], atol=1e-5)
+        logits, values, cache = decode(graphdef, state, seq[jnp.arange(3), cache.lengths], cache, jnp.ones(3, bool))
+        pos = pos + 1
