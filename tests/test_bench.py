@@ -1,6 +1,8 @@
-"""Smoke test of ``alphareason bench model``: every figure is written and positive (no timing thresholds)."""
+"""Smoke tests of `alphareason bench model|search|selfplay`: every figure is written (no timing thresholds)."""
 
 import json
+
+import pytest
 
 from alphareason.bench.model_bench import run_model_bench
 
@@ -42,3 +44,47 @@ def test_model_bench_quick_writes_every_figure(tmp_path):
     for dtype in ("float32", "bfloat16"):
         assert written["train"][dtype]["page_faults_per_step_median"] >= 0
     assert isinstance(written["machine"]["huge_pages"]["glibc_tunable"], bool)
+
+
+SMALL_LOOP = MICRO + ["train.steps=4", "task.options.max_number=10", "task.options.max_target=30",
+                      "eval.num_problems=4", "eval.batch_size=4", "search.num_simulations=4",
+                      "search.num_candidates=4", "search.max_num_considered_actions=4", "selfplay.iterations=1",
+                      "selfplay.episodes_per_iteration=8", "selfplay.actor_batch_size=8",
+                      "selfplay.replay_capacity=64", "selfplay.learner_steps=2", "selfplay.learner_batch_size=8",
+                      "selfplay.eval_simulations=4"]
+
+
+def test_search_bench_quick_writes_every_figure(tmp_path):
+    from alphareason.bench.search_bench import run_search_bench
+    out = tmp_path / "search.json"
+    result = run_search_bench(str(out), quick=True, overrides=MICRO)  # quick: batches 1 and 16
+    written = json.loads(out.read_text())
+    assert written["overhead"] == result["overhead"]
+    assert [row["batch_size"] for row in written["throughput"]] == [1, 16]
+    for row in written["throughput"]:
+        for key in ("simulations_per_s", "token_forwards_per_s", "seconds"):
+            _positive(row[key], f"throughput.{key}")
+    overhead = written["overhead"]
+    for key in ("search_seconds", "model_only_seconds", "ratio", "tree_bytes_per_node"):
+        _positive(overhead[key], f"overhead.{key}")
+    # The plain loop makes the same model calls as the search (the ratio compares like with like).
+    assert overhead["model_only_token_forwards"] > 0
+    assert 0 <= overhead["terminal_node_fraction"] <= 1
+
+
+def test_selfplay_bench_writes_phases_and_peak_memory(tmp_path):
+    from alphareason.bench.selfplay_bench import run_selfplay_bench
+    from alphareason.config import ConfigError
+    out, workdir = tmp_path / "selfplay.json", tmp_path / "run"
+    result = run_selfplay_bench(str(out), overrides=SMALL_LOOP, workdir=str(workdir))
+    written = json.loads(out.read_text())
+    assert written["iterations"] == 1 and written["episodes_per_iteration"] == 8
+    for key in ("episodes_per_s", "learner_steps_per_s", "loop_seconds", "peak_rss_gib"):
+        _positive(written[key], key)
+    assert set(written["phase_fraction"]) == {"selfplay", "learning", "evaluation", "checkpointing"}
+    assert abs(sum(written["phase_fraction"].values()) - 1) < 1e-6
+    assert [r["step"] for r in written["solve_rates"]] == [0, 1]
+    assert result["peak_rss_bytes"] == written["peak_rss_bytes"]
+    # The kept run refuses to be timed again (a resumed run would time nothing).
+    with pytest.raises(ConfigError, match="not empty"):
+        run_selfplay_bench(str(out), overrides=SMALL_LOOP, workdir=str(workdir))

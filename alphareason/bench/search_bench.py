@@ -54,7 +54,7 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def _setup(config_path: str, *, num_candidates: int, workdir: str | None = None):
+def _setup(config_path: str, *, num_candidates: int, workdir: str | None = None, overrides=()):
     if workdir:  # a trained run: realistic trees (an untrained network's steps are almost all invalid)
         from alphareason.config import run_config
         from alphareason.train.sft import load_model
@@ -63,7 +63,7 @@ def _setup(config_path: str, *, num_candidates: int, workdir: str | None = None)
         graphdef, params = nnx.split(model)
         env_cfg = EnvConfig(num_candidates=num_candidates, temperature=config.search.candidate_temperature)
         return config, task, model, graphdef, params, env_cfg
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)
     task = make_task(config)
     mcfg = make_model_config(config, task)
     model = Transformer(mcfg, rngs=nnx.Rngs(0))
@@ -96,9 +96,9 @@ def model_only_fn(env: ReasoningEnv):
 def run_search_bench(out_path: str, *, config_path: str = "configs/countdown_tiny.py", quick: bool = False,
                      batch_sizes=(1, 16, 64, 256), throughput_simulations: int = 16,
                      overhead_batch: int = 64, overhead_simulations: int = 64, num_candidates: int = 8,
-                     workdir: str | None = None) -> dict:
+                     workdir: str | None = None, overrides=()) -> dict:
     config, task, model, graphdef, params, env_cfg = _setup(config_path, num_candidates=num_candidates,
-                                                            workdir=workdir)
+                                                            workdir=workdir, overrides=overrides)
     repeats = 1 if quick else 3
     if quick:
         batch_sizes, overhead_batch, overhead_simulations = (1, 16), 16, 16

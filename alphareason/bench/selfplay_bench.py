@@ -41,11 +41,14 @@ def peak_rss_bytes() -> int:
 
 def run_selfplay_bench(out_path: str, *, config_path: str = "configs/countdown_tiny.py",
                        overrides: Sequence[str] = (), workdir: str | None = None) -> dict:
-    from alphareason.config import load_config
+    from alphareason.config import ConfigError, load_config
     from alphareason.train.loop import run_training
     from alphareason.train.metrics import read_metrics
 
     config = load_config(config_path, list(DEFAULT_OVERRIDES) + list(overrides))
+    if workdir is not None and os.path.isdir(workdir) and os.listdir(workdir):
+        raise ConfigError(f"{workdir} is not empty: the benchmark times a whole run from scratch (a resumed run "
+                         f"would time nothing); give a new --workdir or leave it out")
     own_dir = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="alphareason-selfplay-bench-")
     try:
