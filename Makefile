@@ -33,8 +33,10 @@ test-all: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/alphareason bench model --out benchmarks/results/model.json
 	$(VENV)/bin/alphareason bench search --out benchmarks/results/search.json
-	$(VENV)/bin/alphareason bench selfplay --out benchmarks/results/selfplay.json \
+	rm -rf runs/bench_demo  # the self-play benchmark times a whole run from scratch
+	$(VENV)/bin/alphareason bench selfplay --out benchmarks/results/selfplay.json --workdir runs/bench_demo \
 	    --config.train.steps=600 --config.selfplay.iterations=4
+	$(VENV)/bin/alphareason bench search --workdir runs/bench_demo --out benchmarks/results/search_trained.json
 
 scaling: $(VENV)/.installed
 	$(VENV)/bin/alphareason scaling --config configs/scaling_reduced.py --out runs/scaling_reduced --train

@@ -9,6 +9,9 @@ actors, search budget, learner steps and evaluation, and writes:
 * ``OUT/curves.json`` and ``OUT/curves.md``: the same numbers as a table.
 
 Every run is resumable: rerunning the same command continues where it stopped.
+Runs add up in ``OUT``: a later invocation with other ``--algorithms`` or
+``--variant`` runs keeps the earlier runs in the table, and wall times are
+summed over invocations.
 
   python experiments/selfplay_curves.py --config configs/countdown_tiny.py --out runs/curves_tiny
   python experiments/selfplay_curves.py --config configs/game24.py --out runs/curves_game24 \\
@@ -55,12 +58,17 @@ def run_curves(config_path: str, out: str, *, algorithms: Sequence[str] = ALGORI
         if changed:
             raise ValueError(f"run {name!r} changes the {', '.join(changed)} section(s); every run here starts "
                              f"from one shared SFT model, so a variant may only change search/selfplay/eval")
+    # Wall times add up over every invocation into this folder (a rerun resumes; it does not start the clock over).
+    previous = {}
+    if os.path.exists(os.path.join(out, "curves.json")):
+        with open(os.path.join(out, "curves.json")) as f:
+            previous = json.load(f)
     # One SFT warm start shared by every algorithm.
     sft_dir = os.path.join(out, "sft")
     t0 = time.time()
     train_sft(base, sft_dir, progress=progress)
-    sft_seconds = time.time() - t0
-    runs = {}
+    sft_seconds = previous.get("sft_seconds", 0.0) + time.time() - t0
+    runs = dict(previous.get("runs", {}))  # runs of earlier invocations stay in the table
     for algorithm, config in configs.items():
         workdir = os.path.join(out, algorithm)
         if not os.path.exists(os.path.join(workdir, "checkpoints", "sft")):
@@ -74,7 +82,8 @@ def run_curves(config_path: str, out: str, *, algorithms: Sequence[str] = ALGORI
         t0 = time.time()
         run_training(config, workdir, progress=progress)
         rows = read_metrics(workdir, "eval")
-        runs[algorithm] = {"seconds": time.time() - t0, "overrides": extras[algorithm], "iterations": [
+        seconds = previous.get("runs", {}).get(algorithm, {}).get("seconds", 0.0) + time.time() - t0
+        runs[algorithm] = {"seconds": seconds, "overrides": extras[algorithm], "iterations": [
             {k: r.get(k) for k in ("step", "greedy_solve_rate", "mcts_solve_rate", "selfplay_token_forwards",
                                    "learner_examples")} for r in rows]}
     result = {"config": config_path, "overrides": list(overrides), "name": base.name,
@@ -107,7 +116,7 @@ def plot_curves(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for algorithm, run in result["runs"].items():
         rows = run["iterations"]
         steps = [r["step"] for r in rows]
@@ -125,7 +134,7 @@ def plot_curves(result: dict, path: str) -> None:
     for ax in axes:
         ax.set_ylabel("held-out solve rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: no data hidden
     fig.suptitle(f"{result['name']}: policy-only and MCTS solve rate during self-play")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -48,6 +48,12 @@ def test_selfplay_curves_variants_start_from_the_same_sft_and_bad_variants_are_r
                         progress=False, variants={"no_rescale": ["search.rescale_values=False"]})
     runs = result["runs"]
     assert set(runs) == {"alphazero", "no_rescale"}
+    # The second invocation resumed the alphazero run: its wall time adds to the first one's.
+    first = json.load(open(os.path.join(out, "curves.json")))["runs"]["alphazero"]["seconds"]
+    again = run_curves("configs/countdown_tiny.py", out, algorithms=("alphazero",), overrides=TINY, progress=False)
+    assert again["runs"]["alphazero"]["seconds"] >= first > 0
+    assert again["runs"]["alphazero"]["iterations"] == runs["alphazero"]["iterations"]
+    assert again["runs"]["no_rescale"] == runs["no_rescale"]  # not rerun, still in the table
     assert runs["no_rescale"]["overrides"] == ["search.rescale_values=False"]
     assert runs["alphazero"]["iterations"][0] == runs["no_rescale"]["iterations"][0]
     saved = json.load(open(os.path.join(out, "no_rescale", "config.json")))
