@@ -397,6 +397,20 @@ def test_export_needs_the_tree(setup, results):
 
 
 # ------------------------------------------------------------------ compute accounting
+def test_enumerated_search_computes_exactly_what_it_accounts(setup, results):
+    """Counted by a wrapper around the model (every prefix and candidate token it is given): enumerated
+    steps cost one pass over prefix + candidates per expansion, no separate prefill; same tree."""
+    from alphareason.search.strategies import TokenCounter, TokenCountingModel, computed_token_forwards
+    counter = TokenCounter()
+    graphdef, params = nnx.split(TokenCountingModel(nnx.merge(setup["graphdef"], setup["params"]), counter))
+    env, search = SETTINGS["enumerate"]
+    searcher = Searcher(setup["task"], graphdef, env, search, seq_len=setup["seq_len"], keep_tree=True)
+    inputs = jax.tree.map(jnp.asarray, searcher.env.initial(setup["problems"]))
+    counted = searcher(params, jax.random.split(jax.random.key(SEED), 3), inputs)
+    assert counter.total == int(computed_token_forwards(counted.tree).sum()) > 0
+    np.testing.assert_array_equal(counted.visit_counts, results("enumerate").visit_counts)
+
+
 @pytest.mark.parametrize("name", ["sample", "enumerate", "tokens"])
 def test_token_forwards_are_the_sum_of_node_expansions(setup, results, name):
     t = numpy_tree(results(name))

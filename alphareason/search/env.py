@@ -20,7 +20,9 @@ Expanding a node (``ReasoningEnv.expand``):
   1. prefill the node's tokens into a fresh KV cache (one pass over the
      prefix; its last position gives the value head's estimate and, for
      token actions, the prior over the vocabulary);
-  2. propose the K candidates (see above);
+  2. propose the K candidates (see above). Enumerated candidates skip step 1:
+     one parallel pass over the prefix and all K steps scores them and gives
+     the value at the prefix's last token;
   3. check every candidate with the task's JAX transition; invalid ones and
      duplicates get a large negative prior logit (mctx masks invalid actions
      only at the root, so they are masked here too);
@@ -198,7 +200,8 @@ class ReasoningEnv:
         solved = inputs.get("solved", jnp.zeros_like(done))
         propose = ~done if self.max_depth is None else ~done & (depth < self.max_depth)  # [B]
         mode = self.config.candidates
-        logits, value_logits, cache = model.prefill(tokens, length, model.init_cache(B, self.seq_len))
+        if mode != "enumerate":  # enumerated steps are scored together with their prefix (no cache needed)
+            logits, value_logits, cache = model.prefill(tokens, length, model.init_cache(B, self.seq_len))
         if mode == "tokens":
             cands = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, :, None], (B, K, 1))
             rep = {k: jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), inputs[k])
@@ -229,8 +232,9 @@ class ReasoningEnv:
                 steps, _ = jax.vmap(self.task.legal_steps)(task_state)  # [B, K, S]
                 cands = jnp.where(propose[:, None, None], steps, tok.PAD)
                 tool = after_equals(cands) if self.task.tool else jnp.zeros_like(cands, bool)
-                # All K steps of a row in one parallel pass over [prefix | step_0 | ... | step_{K-1}].
-                logprob, _ = score_enumerated(model, tokens, length, cands, tool)
+                # All K steps of a row in one parallel pass over [prefix | step_0 | ... | step_{K-1}],
+                # which also gives the value at the prefix's last token (what a prefill would).
+                logprob, value_logits = score_enumerated(model, tokens, length, cands, tool)
                 cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
                 num_sampled = jnp.sum((~tool) & (cands != tok.PAD), -1)
             decoded = cand_length.sum(-1)

@@ -366,6 +366,12 @@ class TokenCountingModel(nnx.Module):
         jax.debug.callback(self.counter._add_prefill, jnp.sum(jnp.asarray(lengths, jnp.int32)))
         return out
 
+    def score_continuations(self, tokens, lengths, continuations):
+        out = self.model.score_continuations(tokens, lengths, continuations)
+        n = jnp.sum(jnp.asarray(lengths, jnp.int32)) + jnp.sum(continuations != tok.PAD, dtype=jnp.int32)
+        jax.debug.callback(self.counter._add_prefill, n)  # the prefixes and the continuations' tokens
+        return out
+
     def decode(self, tokens, cache, active=None):
         out = self.model.decode(tokens, cache, active)
         n = jnp.int32(tokens.shape[0]) if active is None else jnp.sum(jnp.asarray(active, jnp.int32))
