@@ -40,4 +40,8 @@ def get_config():
     c.selfplay.policy_weight = 0.25
     c.selfplay.value_weight = 0.5
     c.selfplay.sft_weight = 1.0
+    # The learner restarts below the rate SFT ended at (3e-4): at 5e-4 MCTS@16 dipped after the first
+    # iteration (39.6 -> 33.8%) and greedy rose to 16.5%; at 2e-4 greedy rose every iteration to 16.9%
+    # and MCTS@16 ended at 41.6% (README; benchmarks/results/selfplay.json).
+    c.selfplay.learning_rate = 2e-4
     return c
