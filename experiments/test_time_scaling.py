@@ -482,7 +482,7 @@ def _config_path(path: str) -> str:
 
 def prepare_model(name: str, spec, out: str, *, train: bool, progress: bool, log: Callable[[str], None]):
     """(model, config, workdir, source): the run in ``spec.workdir`` (default OUT/<name>), trained first if asked."""
-    from alphareason.config import load_config, run_config
+    from alphareason.config import ConfigError, load_config, run_config
     from alphareason.train.sft import load_model, train_sft
     workdir = spec.workdir or os.path.join(out, name)
     if train:
@@ -490,10 +490,11 @@ def prepare_model(name: str, spec, out: str, *, train: bool, progress: bool, log
         log(f"{name}: SFT training ({spec.train_config}, {config.train.steps} steps) in {workdir}")
         result = train_sft(config, workdir, progress=progress, log=log)
         return result.model, config, workdir, f"SFT {result.steps} steps, {workdir}"
-    if not os.path.exists(os.path.join(workdir, "config.json")):
+    try:
+        config = run_config(workdir)
+    except ConfigError:
         raise FileNotFoundError(f"{workdir} holds no trained run (no config.json); pass --train to train a small "
-                                f"SFT model there, or --workdir {name}=DIR for an existing run")
-    config = run_config(workdir)
+                                f"SFT model there, or --workdir {name}=DIR for an existing run") from None
     model, _, meta = load_model(config, workdir)
     return model, config, workdir, f"{meta.get('phase', '?')} step {meta.get('step', '?')}, {workdir}"
 

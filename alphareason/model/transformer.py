@@ -368,14 +368,14 @@ class Transformer(nnx.Module):
         return logits, value_logits
 
     def _run_blocks(self, tokens, positions, mask):
-        """Full causal pass over ``T`` tokens: -> (x [B, T, D], keys, values [L, B, T, H, Dh])."""
+        """Full causal pass over ``T`` tokens: -> (x [B, T, D], keys, values: L arrays [B, T, H, Dh] each)."""
         x = self._embed(tokens, positions)
         keys, values = [], []
         for block in self.blocks:
             x, k, v = block(x, positions, mask)
             keys.append(k)
             values.append(v)
-        return x, jnp.stack(keys), jnp.stack(values)
+        return x, keys, values
 
     # -- entry points
     def __call__(self, tokens):
@@ -428,7 +428,7 @@ class Transformer(nnx.Module):
         lengths = jnp.asarray(lengths, jnp.int32)
         last = x[jnp.arange(batch), lengths - 1][:, None]  # [B, 1, D]
         logits, value_logits = self._heads(last)
-        def fill(layers, new):  # new [L, B, T, H, Dh] -> each layer's [B, H, :T, Dh]
+        def fill(layers, new):  # each layer's new [B, T, H, Dh] -> its cache [B, H, :T, Dh]
             return tuple(a.at[:, :, :length].set(n.transpose(0, 2, 1, 3).astype(a.dtype))
                          for a, n in zip(layers, new))
 

@@ -116,8 +116,6 @@ def validate_config(config: ConfigDict, task: Task) -> None:
 
 
 # ------------------------------------------------------------------- pieces
-
-
 def selfplay_problems(task: Task, config: ConfigDict, iteration: int, exclude: list[dict]) -> list[dict]:
     """Fresh training problems for one iteration (never a held-out one); curriculum optional."""
     sp = config.selfplay
