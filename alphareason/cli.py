@@ -68,7 +68,8 @@ def _eval_settings(config, args):
     from alphareason.train.loop import env_config, search_config
     return EvalSettings(strategy=args.strategy, samples=args.samples, temperature=args.temperature,
                         batch_size=args.batch_size, env=env_config(config),
-                        search=search_config(config, num_simulations=args.simulations, policy=args.policy))
+                        search=search_config(config, num_simulations=args.simulations, policy=args.policy),
+                        traces=config.data.demonstrations == "traces")
 
 
 def cmd_eval(args, overrides) -> int:

@@ -43,11 +43,15 @@ class DataSpec:
     demonstrations: str = "solutions"  # "solutions" (shortest) or "traces" (DFS with backtracking)
     negatives_per_problem: float = 0.5  # expected negatives added per train problem
     exclude: tuple[str, ...] = ()  # JSON of problems never to appear in any split
+    # traces: the most tokens (BOS + prompt + trace + EOS) a chain may take; a
+    # longer trace is cut after its last whole step that fits (and is then
+    # unsolved, unless it solved before the cut). 0: no limit.
+    max_chain_len: int = 0
 
     def __post_init__(self):
         if self.demonstrations not in DEMONSTRATIONS:
             raise ValueError(f"data.demonstrations={self.demonstrations!r}; choose one of {DEMONSTRATIONS}")
-        for name in ("train_size", "validation_size", "test_size"):
+        for name in ("train_size", "validation_size", "test_size", "max_chain_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -59,7 +63,10 @@ class DataSpec:
         return get_task(self.task, **self.options)
 
     def config_name(self) -> str:
-        payload = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        fields = dataclasses.asdict(self)
+        if not fields["max_chain_len"]:  # added later: datasets built before keep their names
+            del fields["max_chain_len"]
+        payload = json.dumps(fields, sort_keys=True, default=list)
         digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
         return f"{self.task}_{self.demonstrations}_{self.train_size}_{digest}"
 
@@ -125,6 +132,8 @@ def examples_for(task: Task, problem: Problem, spec: DataSpec, split: str,
     """(text, solved) pairs for one problem: the demonstration, then negatives."""
     if spec.demonstrations == "traces" and split == "train":
         demo = task.search_trace(problem)
+        if spec.max_chain_len:
+            demo = cut_to_fit(demo, spec.max_chain_len - len(task.prompt(problem)) - 2)
     else:
         demo = task.solve(problem)
     if demo is None:
@@ -137,6 +146,13 @@ def examples_for(task: Task, problem: Problem, spec: DataSpec, split: str,
             if negative is not None and not task.verify(problem, negative).solved:
                 out.append((negative, False))
     return out
+
+
+def cut_to_fit(text: str, max_chars: int) -> str:
+    """``text`` up to its last whole line (step) within ``max_chars`` characters (tokens)."""
+    if len(text) <= max_chars:
+        return text
+    return text[: text.rfind("\n", 0, max_chars) + 1]
 
 
 def negative_example(task: Task, problem: Problem, demo: str, rng: np.random.Generator) -> str | None:

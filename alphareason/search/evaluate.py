@@ -44,6 +44,7 @@ class EvalSettings:
     batch_size: int = 64
     env: EnvConfig = EnvConfig()
     search: SearchConfig = SearchConfig()
+    traces: bool = False  # greedy/sample write search traces (dead ends undone with "#"), Stream of Search
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -71,7 +72,7 @@ class Evaluator:
         self.seq_len = model.config.max_len
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
         self.env = ReasoningEnv(task, self.graphdef, settings.env, seq_len=self.seq_len)
-        self.sampler = Sampler(task, self.graphdef, seq_len=self.seq_len)
+        self.sampler = Sampler(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces)
         self._searcher = None
 
     def set_params(self, model: nnx.Module) -> None:

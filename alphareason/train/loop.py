@@ -219,7 +219,8 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
     state = replicate(state, mesh)
     evaluator = Evaluator(nnx.merge(graphdef, state)[0], task, EvalSettings(
         strategy="greedy", batch_size=min(config.eval.batch_size, len(eval_problems)), env=env_config(config),
-        search=search_config(config, num_simulations=sp.eval_simulations)))
+        search=search_config(config, num_simulations=sp.eval_simulations),
+        traces=config.data.demonstrations == "traces"))
     mcts_evaluator = Evaluator(nnx.merge(graphdef, state)[0], task, EvalSettings(
         strategy="mcts", batch_size=min(config.eval.batch_size, len(eval_problems)), env=env_config(config),
         search=search_config(config, num_simulations=sp.eval_simulations)))

@@ -47,15 +47,24 @@ def make_task(config: ConfigDict) -> Task:
 
 
 def sequence_length(config: ConfigDict, task: Task) -> int:
-    """Tokens of the longest chain of thought: BOS+prompt, the steps, EOS."""
-    steps = task.max_steps
+    """The model's context T: by default the tokens of the longest chain of
+    thought (BOS+prompt, the steps, EOS).
+
+    A search trace's bound (``max_trace_steps`` steps of the longest step
+    each) is far above the traces' real lengths (Countdown-4: 1,234 against
+    at most about 530), so for traces ``model.max_len`` may be set below it,
+    down to what a shortest solution needs: longer traces are then cut to the
+    context, in the data and when the model writes one (a context budget, as
+    Stream of Search's 4,096 tokens).
+    """
+    needed = task.max_prompt_len + task.max_steps * task.max_step_len + 1
+    bound = needed
     if config.data.demonstrations == "traces":
-        steps = getattr(task, "max_trace_steps", 4 * task.max_steps)
-    needed = task.max_prompt_len + steps * task.max_step_len + 1
+        bound = task.max_prompt_len + getattr(task, "max_trace_steps", 4 * task.max_steps) * task.max_step_len + 1
     if config.model.max_len and config.model.max_len < needed:
         raise ConfigError(f"model.max_len={config.model.max_len} is shorter than the {needed} tokens a "
                           f"chain of thought of this task can take; raise it or set it to 0 (automatic)")
-    return int(config.model.max_len or needed)
+    return int(config.model.max_len or bound)
 
 
 def make_model_config(config: ConfigDict, task: Task) -> ModelConfig:
@@ -77,7 +86,8 @@ def make_data_spec(config: ConfigDict) -> DataSpec:
     options = config.task.options.to_dict() if hasattr(config.task.options, "to_dict") else dict(config.task.options)
     return make_spec(config.task.name, options, train_size=d.train_size, validation_size=d.validation_size,
                      test_size=d.test_size, seed=config.seed, demonstrations=d.demonstrations,
-                     negatives_per_problem=d.negatives_per_problem, exclude=exclude)
+                     negatives_per_problem=d.negatives_per_problem, exclude=exclude,
+                     max_chain_len=sequence_length(config, make_task(config)) if d.demonstrations == "traces" else 0)
 
 
 def data_dir(config: ConfigDict, workdir: str) -> str:
