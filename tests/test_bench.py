@@ -1,6 +1,7 @@
 """Smoke tests of `alphareason bench model|search|selfplay`: every figure is written (no timing thresholds)."""
 
 import json
+import math
 
 import pytest
 
@@ -44,6 +45,43 @@ def test_model_bench_quick_writes_every_figure(tmp_path):
     for dtype in ("float32", "bfloat16"):
         assert written["train"][dtype]["page_faults_per_step_median"] >= 0
     assert isinstance(written["machine"]["huge_pages"]["glibc_tunable"], bool)
+    ceiling = written["bf16_ceiling"]
+    for key in ("products_seconds_float32", "products_seconds_bfloat16", "speedup_bound"):
+        _positive(ceiling[key], f"bf16_ceiling.{key}")
+    assert written["summary"]["bf16_train_speedup"]["bound_from_products"] == ceiling["speedup_bound"]
+    # Every product timed alone: the bound replaces exactly their float32 time by their bfloat16 time.
+    rest = ceiling["step_seconds_float32"] - ceiling["products_seconds_float32"]
+    assert ceiling["speedup_bound"] == pytest.approx(
+        ceiling["step_seconds_float32"] / (max(rest, 0.0) + ceiling["products_seconds_bfloat16"]))
+
+
+def _product_flops(product) -> int:
+    (lc, rc), (lb, rb) = product["dimension_numbers"]
+    size = lambda shape, axes: math.prod(shape[i] for i in axes)  # noqa: E731
+    k, b = size(product["lhs"], lc), size(product["lhs"], lb)
+    m, n = math.prod(product["lhs"]) // (k * b), math.prod(product["rhs"]) // (k * b)
+    return 2 * m * n * k * b * product["count"]
+
+
+def test_the_traced_products_of_a_training_step_are_the_flops_the_benches_count():
+    """The products found in the step's jaxpr (forward, both gradients, attention) add up to
+    ``3 * flops_per_token`` per token: the FLOP count behind "fraction of peak"."""
+    from alphareason.bench.model_bench import _float32_step, products_in_step
+    from alphareason.config import load_config
+    from alphareason.data.loader import collate, encode_example
+    from alphareason.model import flops_per_token
+    from alphareason.train.sft import make_model_config, make_task
+    config = load_config("configs/countdown_tiny.py", MICRO)
+    task = make_task(config)
+    mcfg = make_model_config(config, task)
+    problem = task.generate(0, 1)[0]
+    batch = collate([encode_example(task, task.prompt(problem), task.solve(problem), True, mcfg.max_len)] * 8)
+    products = products_in_step(*_float32_step(config, mcfg, batch))
+    tokens = 8 * mcfg.max_len
+    assert sum(_product_flops(p) for p in products) == 3 * flops_per_token(mcfg, mcfg.max_len) * tokens
+    # Per layer: 4 weight matrices x (forward, input gradient, weight gradient), 2 attention products x 3.
+    per_layer = sum(p["count"] for p in products) - sum(p["count"] for p in products if p["count"] == 1)
+    assert per_layer == config.model.num_layers * (4 * 3 + 2 * 3)
 
 
 SMALL_LOOP = MICRO + ["train.steps=4", "task.options.max_number=10", "task.options.max_target=30",

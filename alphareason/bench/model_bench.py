@@ -15,6 +15,9 @@ measures, in one run on this machine, for the model of
   initialisation on the same batches, one step of each in turn, so load on
   the machine hits both alike; their loss curves go into the JSON and a PNG
   beside it (``FILE.png``) to show that they track;
+* ``bf16_ceiling``: every matrix product of the float32 training step (from
+  its jaxpr), timed alone with float32 and with bfloat16 inputs, and the
+  bound they put on the bfloat16 step's speedup (``bf16_ceiling``);
 * ``forward``: full causal forward tokens/s at the training shape;
 * ``decode``: greedy generation of 32 tokens after a 32-token prompt at
   batch 64, with the KV cache (one prefill, then 32 one-token decode steps,
@@ -97,6 +100,94 @@ def matmul_peak(sizes: Sequence[int], repeats: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ bfloat16 ceiling
+def _dot_generals(jaxpr, multiplicity: int = 1) -> list[tuple[tuple, tuple, tuple, int]]:
+    """Every ``dot_general`` of ``jaxpr`` and its sub-jaxprs (scan bodies times their length):
+    (lhs shape, rhs shape, dimension numbers, times run)."""
+    from jax.extend import core as jcore
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+            dims = jax.tree.map(int, eqn.params["dimension_numbers"])
+            out.append((tuple(lhs), tuple(rhs), dims, multiplicity))
+        times = multiplicity * int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else multiplicity
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            out.extend(_dot_generals(sub, times))
+    return out
+
+
+def _as_row_times_column(a, b, dims):
+    """2-D operands of ``dot_general(a, b, dims)`` transposed (materialised) to ``[M, K]`` and ``[K, N]``."""
+    (lc,), (rc,) = dims[0]
+    a = a if lc == 1 else a.T
+    b = b if rc == 0 else b.T
+    return jax.lax.optimization_barrier((a, b))  # keeps XLA from folding the transposes back in
+
+
+def products_in_step(step_fn, *args) -> list[dict]:
+    """The distinct matrix products of ``step_fn(*args)`` with how often one step runs each."""
+    counts: dict[tuple, int] = {}
+    for lhs, rhs, dims, times in _dot_generals(jax.make_jaxpr(step_fn)(*args).jaxpr):
+        key = (lhs, rhs, json.dumps(dims))
+        counts[key] = counts.get(key, 0) + times
+    return [{"lhs": list(lhs), "rhs": list(rhs), "dimension_numbers": json.loads(dims), "count": n}
+            for (lhs, rhs, dims), n in counts.items()]
+
+
+def bf16_ceiling(products: list[dict], step_seconds_float32: float, repeats: int) -> dict:
+    """What bfloat16 products could give the float32 training step at most.
+
+    Times every product of the step alone (jitted, best of ``repeats``), with
+    float32 inputs and with bfloat16 inputs (float32 accumulation, inputs cast
+    beforehand), and bounds the mixed-precision step by replacing the float32
+    products' time with the bfloat16 products' time, all else unchanged:
+    ``speedup_bound = step / (step - sum(float32) + sum(bfloat16))``. It is an
+    upper bound: the casts a bfloat16 step adds are not counted, and products
+    timed alone pay one dispatch each (which overstates their share). A
+    product XLA:CPU cannot run with bfloat16 inputs and float32 output (it
+    says so when called; the batched attention products, jax 0.10.2) counts
+    at its float32 time, marked ``bfloat16_unsupported``. A 2-D product in
+    another layout than ``[M, K] @ [K, N]`` (the weight gradients contract the
+    token axis) is also timed in bfloat16 with its operands transposed first,
+    transposes included, and the faster of the two counts.
+    """
+    total = {"float32": 0.0, "bfloat16": 0.0}
+    rows = []
+    for i, p in enumerate(products):
+        (lc, rc), (lb, rb) = p["dimension_numbers"]  # ((contracting), (batch)), from JSON lists
+        dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+        key_a, key_b = jax.random.split(jax.random.key(i))
+        row = dict(p)
+        for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+            a = jax.random.normal(key_a, tuple(p["lhs"]), jnp.float32).astype(dtype)
+            b = jax.random.normal(key_b, tuple(p["rhs"]), jnp.float32).astype(dtype)
+            f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
+            try:
+                _block(f(a, b))
+            except jax.errors.JaxRuntimeError as e:  # XLA:CPU has no bf16 x bf16 -> f32 kernel for this one
+                row[f"{name}_unsupported"] = str(e).splitlines()[0]
+                row[f"{name}_seconds"] = row["float32_seconds"]  # it stays a float32 product
+            else:
+                row[f"{name}_seconds"], _ = _best_and_median(lambda: f(a, b), repeats)
+            if name == "bfloat16" and len(p["lhs"]) == len(p["rhs"]) == 2 and dims != (((1,), (0,)), ((), ())):
+                # A 2-D product in another layout may run faster as [M, K] @ [K, N] with its
+                # operands transposed first (what _mixed_matmul's backward does): the better counts.
+                g = jax.jit(lambda a, b: jnp.dot(*_as_row_times_column(a, b, dims),
+                                                 preferred_element_type=jnp.float32))
+                _block(g(a, b))
+                transposed, _ = _best_and_median(lambda: g(a, b), repeats)
+                row["bfloat16_transposed_first_seconds"] = transposed
+                row["bfloat16_seconds"] = min(row["bfloat16_seconds"], transposed)
+            total[name] += row[f"{name}_seconds"] * p["count"]
+        rows.append(row)
+    rest = max(step_seconds_float32 - total["float32"], 0.0)
+    return {"products": rows, "step_seconds_float32": step_seconds_float32,
+            "products_seconds_float32": total["float32"], "products_seconds_bfloat16": total["bfloat16"],
+            "products_fraction_of_step": total["float32"] / step_seconds_float32,
+            "speedup_bound": step_seconds_float32 / (rest + total["bfloat16"])}
+
+
 # ------------------------------------------------------------------ training
 def _preload_batches(config, task, seq_len: int, num_batches: int, data_dir: str) -> list[dict]:
     from alphareason.data import BatchIterator, build_dataset
@@ -143,6 +234,18 @@ def train_throughput(config, task, mcfg, batches: list[dict], steps: int) -> dic
                      "page_faults_per_step_median": float(np.median(run["faults"][2:] or run["faults"])),
                      "losses": run["losses"]}
     return out
+
+
+def _float32_step(config, mcfg, batch):
+    """(the jitted float32 SFT step, its state, ``batch``), for tracing its products."""
+    from alphareason.model import Transformer
+    from alphareason.train.sft import make_optimizer, make_train_step
+    t = config.train
+    model = Transformer(mcfg, rngs=nnx.Rngs(config.seed))
+    optimizer = make_optimizer(model, learning_rate=t.learning_rate, steps=2, warmup_steps=1,
+                               weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+    graphdef, state = nnx.split((model, optimizer))
+    return make_train_step(graphdef, policy_weight=t.policy_weight, value_weight=t.value_weight), state, batch
 
 
 def plot_loss_curves(path: str, losses: dict[str, list[float]], title: str) -> None:
@@ -275,6 +378,16 @@ def run_model_bench(out_path: str, *, quick: bool = False, config_path: str = "c
     print(f"  bfloat16 / float32 tokens/s: {train['bf16_speedup']:.2f} (median {train['bf16_speedup_median']:.2f})")
     result["train"] = train
 
+    print("bfloat16 ceiling: the float32 step's matrix products alone, float32 vs bfloat16 inputs ...")
+    products = products_in_step(*_float32_step(config, mcfg, batches[0]))
+    ceiling = bf16_ceiling(products, train["float32"]["step_seconds_best"], repeats=max(repeats, 5))
+    result["bf16_ceiling"] = ceiling
+    print(f"  {len(products)} distinct products, {sum(p['count'] for p in products)} per step: "
+          f"{ceiling['products_seconds_float32'] * 1e3:.1f} ms float32 "
+          f"({ceiling['products_fraction_of_step']:.0%} of the step), "
+          f"{ceiling['products_seconds_bfloat16'] * 1e3:.1f} ms bfloat16; "
+          f"bound on the bfloat16 training speedup {ceiling['speedup_bound']:.2f}x")
+
     png = os.path.splitext(out_path)[0] + ".png"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tail = max(1, len(losses["float32"]) // 10)
@@ -304,7 +417,8 @@ def run_model_bench(out_path: str, *, quick: bool = False, config_path: str = "c
     result["summary"] = {
         "train_fraction_of_peak": {"measured": train["float32"]["fraction_of_float32_peak"],
                                    "target": TARGETS["train_fraction_of_peak"]},
-        "bf16_train_speedup": {"measured": train["bf16_speedup"], "target": TARGETS["bf16_train_speedup"]},
+        "bf16_train_speedup": {"measured": train["bf16_speedup"], "target": TARGETS["bf16_train_speedup"],
+                               "bound_from_products": ceiling["speedup_bound"]},
         "decode_cache_speedup": {"measured": d["speedup"], "target": TARGETS["decode_cache_speedup"]},
     }
     for row in result["summary"].values():
