@@ -112,9 +112,12 @@ def _get_task(name: str, options: dict):
 def cmd_verify(args, overrides) -> int:
     from alphareason.tasks import ProblemError
     task = _get_task(args.task, _task_options(args.option))
-    if not os.path.isfile(args.file):
-        raise UsageError(f"{args.file}: no such results file; give the JSONL that `alphareason eval --out` wrote "
-                         f"(one JSON object with 'problem' and 'solution' per line)")
+    expected = ("give the JSONL that `alphareason eval --out` wrote "
+                "(one JSON object with 'problem' and 'solution' per line)")
+    if not os.path.exists(args.file):
+        raise UsageError(f"{args.file}: no such results file; {expected}")
+    if os.path.isdir(args.file):
+        raise UsageError(f"{args.file} is a directory; {expected}")
     failures, claimed_failures, total = 0, 0, 0
     with open(args.file) as f:
         for line_no, line in enumerate(f, 1):
@@ -142,6 +145,8 @@ def cmd_verify(args, overrides) -> int:
                     claimed_failures += 1
                     mark = "LIED"
             print(f"{line_no:>5} {mark} {task.prompt(problem).strip():<24} {verdict.reason}")
+    if total == 0:
+        raise UsageError(f"{args.file} holds no results (no non-empty line); {expected}")
     print(f"{total} lines: {total - failures} solved, {failures} not solved, "
           f"{claimed_failures} claimed solved but failed verification")
     return 1 if claimed_failures else 0

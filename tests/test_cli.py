@@ -136,7 +136,13 @@ def test_verify_bad_input(tmp_path, capsys):
     msg = _error_line(capsys, ["verify", "--task", "countdown", "--option", "num_numberz=3", f])
     assert "num_numberz" in msg and "num_numbers" in msg
     msg = _error_line(capsys, ["verify", "--task", "countdown", str(tmp_path / "missing.jsonl")])
-    assert "missing.jsonl" in msg
+    assert "missing.jsonl" in msg and "no such results file" in msg
+    msg = _error_line(capsys, ["verify", "--task", "countdown", str(tmp_path)])
+    assert "is a directory" in msg
+    empty = _write(tmp_path / "empty.jsonl", ["", "  "])
+    msg = _error_line(capsys, ["verify", "--task", "countdown", empty])
+    assert "empty.jsonl holds no results" in msg
+    assert "holds no results" in _error_line(capsys, ["verify", "--task", "countdown", os.devnull])
 
 
 # ------------------------------------------------------------------ data build
