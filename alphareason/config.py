@@ -71,6 +71,7 @@ def default_config() -> ConfigDict:
     c.train.grad_clip = 1.0
     c.train.policy_weight = 1.0
     c.train.value_weight = 0.5
+    c.train.imitate_unsolved = False  # traces: imitate unsolved search traces too (Stream of Search)
     c.train.log_every = 50
     c.train.checkpoint_every = 500
 

@@ -2,7 +2,9 @@
 
 A micro model memorises one trace that hits a dead end, undoes it with "#"
 and goes on to solve; decoded in trace mode it must write that trace to the
-end, decoded as a chain of thought it must stop at the dead end.
+end, decoded as a chain of thought it must stop at the dead end. With the
+calculator the model writes only ``a op b=`` of each step (the tool the rest,
+also after a "#" reopened a state).
 """
 
 import jax
@@ -16,7 +18,7 @@ from alphareason.data.loader import collate, encode_example
 from alphareason.model.transformer import ModelConfig, Transformer
 from alphareason.search.evaluate import EvalSettings, Evaluator
 from alphareason.tasks import get_task
-from alphareason.train.sft import make_data_spec, make_optimizer, make_train_step, sequence_length
+from alphareason.train.sft import make_data_spec, make_optimizer, make_train_step, sequence_length, train_sft
 from helpers import micro_config
 
 TASK = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30, tool=None)
@@ -31,9 +33,11 @@ def test_the_memorised_trace_backtracks_and_solves():
     assert not TASK.verify(PROBLEM, "6+6=12\n12+8=20\n").solved  # the dead end
 
 
-@pytest.fixture(scope="module")
-def memorised():
-    """A 2-layer model trained on TRACE alone until greedy decoding reproduces it."""
+@pytest.fixture(scope="module", params=[None, "calculator"])
+def memorised(request):
+    """(task, a 2-layer model trained on TRACE alone until it predicts every model-written token)."""
+    task = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30, tool=request.param)
+    assert task.search_trace(PROBLEM) == TRACE
     model = Transformer(ModelConfig(max_len=SEQ_LEN, d_model=32, num_layers=2, num_heads=2, d_ff=64),
                         rngs=nnx.Rngs(0))
     steps = 300
@@ -41,26 +45,26 @@ def memorised():
                                grad_clip=1.0)
     graphdef, state = nnx.split((model, optimizer))
     train_step = make_train_step(graphdef, policy_weight=1.0, value_weight=0.0)
-    batch = collate([encode_example(TASK, TASK.prompt(PROBLEM), TRACE, True, SEQ_LEN)] * 8)
+    batch = collate([encode_example(task, task.prompt(PROBLEM), TRACE, True, SEQ_LEN)] * 8)
     for _ in range(steps):
         state, metrics = train_step(state, batch)
     assert float(metrics["token_accuracy"]) == 1.0, "the micro model did not memorise the trace"
-    return nnx.merge(graphdef, state)[0]
+    return task, nnx.merge(graphdef, state)[0]
 
 
-def _greedy(model, *, traces: bool):
-    evaluator = Evaluator(model, TASK, EvalSettings(strategy="greedy", batch_size=2, traces=traces))
+def _greedy(task, model, *, traces: bool):
+    evaluator = Evaluator(model, task, EvalSettings(strategy="greedy", batch_size=2, traces=traces))
     return evaluator.run([PROBLEM, PROBLEM], jax.random.key(0))[0]
 
 
 def test_trace_decoding_goes_past_a_dead_end_and_solves(memorised):
-    row = _greedy(memorised, traces=True)
+    row = _greedy(*memorised, traces=True)
     assert row["solution"] == TRACE
     assert row["solved"] and row["num_steps"] == 10
 
 
 def test_chain_of_thought_decoding_stops_at_the_dead_end(memorised):
-    row = _greedy(memorised, traces=False)
+    row = _greedy(*memorised, traces=False)
     assert row["solution"] == "6+6=12\n12+8=20\n"
     assert not row["solved"]
 
@@ -68,9 +72,10 @@ def test_chain_of_thought_decoding_stops_at_the_dead_end(memorised):
 def test_a_trace_that_may_not_fit_the_context_is_cut_unsolved(memorised):
     # Same weights (rotary positions), a 40-token context: BOS + prompt (10 tokens) + steps;
     # a step is written only while a whole step (12 tokens) still fits.
+    task, model = memorised
     short = Transformer(ModelConfig(max_len=40, d_model=32, num_layers=2, num_heads=2, d_ff=64), rngs=nnx.Rngs(1))
-    nnx.update(short, nnx.state(memorised))
-    row = _greedy(short, traces=True)
+    nnx.update(short, nnx.state(model))
+    row = _greedy(task, short, traces=True)
     assert TRACE.startswith(row["solution"]) and row["solution"] != TRACE
     assert not row["solved"]
     assert 1 + len(TASK.prompt(PROBLEM)) + len(row["solution"]) <= 40
@@ -116,3 +121,34 @@ def test_trace_context_may_be_shorter_than_the_worst_case_but_not_than_a_solutio
     config.data.demonstrations = "solutions"
     config.model.max_len = 0
     assert make_data_spec(config).max_chain_len == 0
+
+
+def test_stream_of_search_imitates_unsolved_traces_only_when_asked():
+    unsolved = "6+6=12\n12+8=20\n#\n"
+    default = encode_example(TASK, TASK.prompt(PROBLEM), unsolved, False, SEQ_LEN)
+    imitated = encode_example(TASK, TASK.prompt(PROBLEM), unsolved, False, SEQ_LEN, imitate=True)
+    assert default["targets_mask"].sum() == 0
+    assert imitated["targets_mask"].sum() == len(unsolved) + 1  # every character and the EOS
+    np.testing.assert_array_equal(imitated["value_mask"], default["value_mask"])
+    assert imitated["value_target"] == default["value_target"] == 0.0
+
+
+def test_imitating_unsolved_records_needs_traces_without_negatives(tmp_path):
+    config = micro_config(tool=None)
+    config.train.imitate_unsolved = True
+    with pytest.raises(ConfigError, match="data.demonstrations=traces and data.negatives_per_problem=0"):
+        train_sft(config, str(tmp_path / "a"), progress=False, log=lambda s: None)
+    config.data.demonstrations = "traces"
+    with pytest.raises(ConfigError, match="negatives_per_problem=0"):
+        train_sft(config, str(tmp_path / "b"), progress=False, log=lambda s: None)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_batches_imitate_unsolved_records_only_when_asked():
+    import json
+    from alphareason.data import BatchIterator
+    record = {"problem": json.dumps(PROBLEM), "prompt": TASK.prompt(PROBLEM), "text": "6+6=12\n12+8=20\n#\n",
+              "solved": 0, "difficulty": 0}
+    for imitate, want in ((False, 0), (True, 2 * 18)):
+        batch = next(BatchIterator([record], TASK, batch_size=2, seq_len=SEQ_LEN, seed=0, imitate_unsolved=imitate))
+        assert batch["targets_mask"].sum() == want

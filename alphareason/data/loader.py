@@ -32,14 +32,17 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: int) -> dict[str, np.ndarray]:
+def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: int, *,
+                   imitate: bool | None = None) -> dict[str, np.ndarray]:
     """One chain of thought -> arrays of length ``seq_len``.
 
     Returns:
       tokens: int32[T]: BOS prompt text EOS, PAD after.
       targets_mask: float32[T]: 1 where ``tokens[t]`` is a policy target (a
         model-written character of ``text`` or the EOS); 0 for BOS, prompt,
-        PAD, tool-written characters, and everywhere for unsolved examples.
+        PAD, tool-written characters, and everywhere for examples not imitated
+        (``imitate``, default ``solved``: Stream of Search imitates unsolved
+        search traces too).
       value_target: float32[]: 1 if solved else 0.
       value_mask: float32[T]: 1 at the prompt's last token and at the SEP
         ending each step of the text (the states the search evaluates).
@@ -57,7 +60,7 @@ def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: in
     tokens[start: start + len(text_ids)] = text_ids
     tokens[start + len(text_ids)] = tok.EOS
     targets_mask = np.zeros((seq_len,), np.float32)
-    if solved:
+    if solved if imitate is None else imitate:
         model_written = ~task.tool_mask(text)
         targets_mask[start: start + len(text_ids)] = model_written
         targets_mask[start + len(text_ids)] = 1.0
@@ -84,11 +87,13 @@ class BatchIterator:
     ``position`` (examples consumed) is the complete state.
     """
 
-    def __init__(self, source, task: Task, *, batch_size: int, seq_len: int, seed: int, position: int = 0):
+    def __init__(self, source, task: Task, *, batch_size: int, seq_len: int, seed: int, position: int = 0,
+                 imitate_unsolved: bool = False):
         if len(source) == 0:
             raise ValueError("the training split is empty; set data.train_size > 0")
         self.source, self.task = source, task
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.imitate_unsolved = imitate_unsolved  # policy targets on every record, not only solved ones
         self.position = position
         self._perm_epoch, self._perm = -1, None
 
@@ -107,7 +112,8 @@ class BatchIterator:
         examples = []
         for i in range(self.position, self.position + self.batch_size):
             rec = decode_record(self.source[self._index(i)])
-            examples.append(encode_example(self.task, rec["prompt"], rec["text"], rec["solved"], self.seq_len))
+            examples.append(encode_example(self.task, rec["prompt"], rec["text"], rec["solved"], self.seq_len,
+                                           imitate=rec["solved"] or self.imitate_unsolved))
         self.position += self.batch_size
         return collate(examples)
 

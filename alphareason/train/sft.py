@@ -179,6 +179,11 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     tcfg = config.train
     if tcfg.steps < 0 or tcfg.batch_size <= 0:
         raise ConfigError(f"train.steps must be >= 0 and train.batch_size > 0 (got {tcfg.steps}, {tcfg.batch_size})")
+    imitate_unsolved = bool(tcfg.get("imitate_unsolved", False))
+    if imitate_unsolved and (config.data.demonstrations != "traces" or config.data.negatives_per_problem):
+        raise ConfigError("train.imitate_unsolved=True imitates every training record, so it needs "
+                          "data.demonstrations=traces and data.negatives_per_problem=0 (random-walk "
+                          "negatives must not be imitated; the unsolved traces train the value head)")
     mcfg = make_model_config(config, task)
     check_workdir_config(workdir, config)
     spec = make_data_spec(config)
@@ -205,7 +210,7 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
         log(f"model: {count_params(model):,} parameters, sequence length {mcfg.max_len}")
 
     batches = BatchIterator(source, task, batch_size=tcfg.batch_size, seq_len=mcfg.max_len,
-                            seed=config.seed, position=position)
+                            seed=config.seed, position=position, imitate_unsolved=imitate_unsolved)
     train_step = make_train_step(graphdef, policy_weight=tcfg.policy_weight, value_weight=tcfg.value_weight)
     last: dict[str, float] = {}
     pending: list[dict] = []
