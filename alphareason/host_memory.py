@@ -12,7 +12,7 @@ costs a few hundred faults of 2 MiB each, and it is still returned to the
 system when freed, so the process's peak memory barely moves. Measured here
 (``alphareason bench model``, tiny config): 39k -> 175 faults per training
 step, float32 SFT 29.5k -> 45.0k tokens/s; the self-play demo's peak RSS
-2.55 -> 2.47 GiB.
+with it is 2.40 GiB (``alphareason bench selfplay``).
 
 A glibc tunable is read once, when the process starts. So the entry points
 (the ``alphareason`` command, ``experiments/*.py``, ``make test``) call
