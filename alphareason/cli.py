@@ -3,7 +3,7 @@
   alphareason train  --config configs/countdown_tiny.py --workdir runs/demo [--config.train.steps=200]
   alphareason eval   --workdir DIR [--problems FILE.jsonl] --strategy greedy|sample|mcts [--out results.jsonl]
   alphareason verify --task countdown FILE.jsonl
-  alphareason search --workdir DIR --numbers 4 9 10 13 --target 24 [--json tree.json]
+  alphareason search --workdir DIR --problem "4 9 10 13 -> 24" [--json tree.json]
   alphareason data build --task countdown --size N [--data-dir DIR]
   alphareason tree tree.json [more.json ...] [--html out.html] [--svg out.svg] [--min-visits N]
   alphareason bench model|search|selfplay --out FILE.json
@@ -64,26 +64,25 @@ def cmd_train(args, overrides) -> int:
 
 
 def _eval_settings(config, args):
-    from alphareason.search.evaluate import EvalSettings
-    from alphareason.train.loop import env_config, search_config
+    from alphareason.eval import EvalSettings
+    from alphareason.run import env_config, search_config, traces
     return EvalSettings(strategy=args.strategy, samples=args.samples, temperature=args.temperature,
                         batch_size=args.batch_size, env=env_config(config),
                         search=search_config(config, num_simulations=args.simulations, policy=args.policy),
-                        traces=config.data.demonstrations == "traces")
+                        traces=traces(config))
 
 
 def cmd_eval(args, overrides) -> int:
     import jax
-    from alphareason.search.evaluate import Evaluator, format_table, summary, write_results
+    from alphareason.eval import Evaluator, format_table, summary, write_results
+    from alphareason.run import load_model, split_problems
     from alphareason.tasks import read_problems
-    from alphareason.train.sft import load_model
     config = _workdir_config(args.workdir, overrides)
     model, task, meta = load_model(config, args.workdir)
     if args.problems:
         problems = read_problems(args.problems, task)
         source = args.problems
     else:
-        from alphareason.train.sft import split_problems
         problems = split_problems(config, args.workdir, args.split)
         source = f"held-out {args.split} split"
     if args.limit:
@@ -154,31 +153,29 @@ def cmd_verify(args, overrides) -> int:
 
 def cmd_search(args, overrides) -> int:
     import jax
-    import numpy as np
+    from flax import nnx
+
+    from alphareason.run import load_model
+    from alphareason.search.episodes import EpisodeRunner
     from alphareason.search.mcts import Searcher
     from alphareason.search.tree import export_tree
     from alphareason.tasks import ProblemError
-    from alphareason.train.sft import load_model
     from alphareason.viz.text import format_tree
     config = _workdir_config(args.workdir, overrides)
     model, task, _ = load_model(config, args.workdir)
     try:
-        problem = task.validate_problem({"numbers": list(args.numbers), "target": args.target},
-                                        where="--numbers/--target")
+        problem = task.parse_problem(args.problem, where="--problem")
     except ProblemError as e:
         raise UsageError(str(e))
     settings = _eval_settings(config, argparse.Namespace(
         strategy="mcts", samples=1, temperature=0.7, batch_size=1, policy=args.policy, simulations=args.simulations))
-    from flax import nnx
     graphdef, params = nnx.split(model)
     searcher = Searcher(task, graphdef, settings.env, settings.search, seq_len=model.config.max_len, keep_tree=True)
-    from alphareason.search.episodes import EpisodeRunner
-    runner = EpisodeRunner(searcher)
     key = jax.random.key(args.seed)
     inputs = jax.tree.map(jax.numpy.asarray, searcher.env.initial([problem]))
     first = searcher(params, jax.random.fold_in(jax.random.fold_in(key, 0), 0)[None], inputs)
     tree = export_tree(first, 0, task=task, problem=problem, policy=settings.search.policy)
-    episode = runner.run(params, [problem], key, record=False)
+    episode = EpisodeRunner(searcher).run(params, [problem], key, record=False)
     verdict = episode.verdicts[0]
     print(f"problem: {task.prompt(problem).strip()}   policy: {settings.search.policy}, "
           f"{settings.search.num_simulations} simulations per move")
@@ -236,24 +233,17 @@ def cmd_bench(args, overrides) -> int:
 
 
 def cmd_scaling(args, overrides) -> int:
-    """Test-time compute scaling (experiments/test_time_scaling.py): strategies x budgets x difficulty."""
-    import importlib.util
+    """Test-time compute scaling (``alphareason.eval.scaling``): strategies x budgets x difficulty."""
     from alphareason.config import load_config
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                        "test_time_scaling.py")
-    if not os.path.exists(path):
-        raise UsageError(f"{path} is missing: `alphareason scaling` runs the experiment script of a source checkout")
-    spec = importlib.util.spec_from_file_location("experiments.test_time_scaling", path)
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    from alphareason.eval import scaling
     config = load_config(args.config, overrides)
     try:
-        workdirs = experiment.parse_workdirs(args.workdir)
-        experiment.check_config(config, workdirs=workdirs)
+        workdirs = scaling.parse_workdirs(args.workdir)
+        scaling.check_config(config, workdirs=workdirs)
     except ValueError as e:
         raise UsageError(str(e))
-    experiment.run_scaling(config, args.out, train=args.train, workdirs=workdirs, progress=not args.no_progress,
-                           command="alphareason " + " ".join(sys.argv[1:]))
+    scaling.run_scaling(config, args.out, train=args.train, workdirs=workdirs, progress=not args.no_progress,
+                        command="alphareason " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -273,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--problems", help="JSONL problem file (default: the held-out split)")
     e.add_argument("--split", default="validation", choices=["validation", "test"])
-    e.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "mcts"])
+    e.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "mcts"],
+                   help="budgeted test-time strategies (best-of-N, beam, ...): alphareason scaling")
     e.add_argument("--samples", type=int, default=8)
     e.add_argument("--temperature", type=float, default=0.7)
     e.add_argument("--simulations", type=int, default=0, help="MCTS simulations per move (default: config)")
@@ -292,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="search one problem and show the tree")
     s.add_argument("--workdir", required=True)
-    s.add_argument("--numbers", type=int, nargs="+", required=True)
-    s.add_argument("--target", type=int, required=True)
+    s.add_argument("--problem", required=True,
+                   help='the problem, as the task reads it: "4 9 10 13 -> 24" or a JSON object as in a problem file')
     s.add_argument("--simulations", type=int, default=0)
     s.add_argument("--policy", choices=["gumbel", "puct"], default=None)
     s.add_argument("--depth", type=int, default=2)
@@ -345,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     from alphareason.tasks import ProblemError
-    from alphareason.train.checkpoint import CheckpointError
+    from alphareason.checkpoint import CheckpointError
     try:
         return args.fn(args, overrides)
     except (UsageError, ConfigError, ProblemError, CheckpointError, FileNotFoundError) as e:

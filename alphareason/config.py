@@ -22,7 +22,6 @@ ConfigDict = ml_collections.ConfigDict
 
 
 # Sections of every config:
-# Sections:
 #   task      which task and its options (passed to ``alphareason.tasks.get_task``)
 #   data      dataset sizes, seed and demonstration kind (TFDS, array_record)
 #   model     the transformer (``alphareason.model.ModelConfig``)
@@ -76,11 +75,8 @@ def default_config() -> ConfigDict:
     c.train.checkpoint_every = 500
 
     c.eval = ConfigDict()
-    c.eval.split = "validation"
-    c.eval.num_problems = 100
+    c.eval.num_problems = 100  # the first problems of the validation split, evaluated after SFT and every iteration
     c.eval.batch_size = 100
-    c.eval.temperature = 0.7
-    c.eval.samples = 8
 
     c.search = ConfigDict()
     c.search.policy = "gumbel"  # or "puct"
@@ -96,7 +92,6 @@ def default_config() -> ConfigDict:
     c.search.pb_c_init = 1.25
     c.search.dirichlet_alpha = 0.3
     c.search.dirichlet_fraction = 0.25
-    c.search.action_temperature = 1.0  # 0: argmax of visits
     c.search.max_depth = 0  # 0: no limit; else mctx's depth limit (>= the task's minimum steps)
 
     c.selfplay = ConfigDict()
@@ -198,12 +193,47 @@ class _null:
         return False
 
 
-def to_json(config: ConfigDict) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+# Keys that older versions of the project wrote into a run's config.json and that no code reads any more.
+REMOVED_KEYS = ("search.action_temperature", "eval.split", "eval.temperature", "eval.samples")
 
 
-def from_json(text: str) -> ConfigDict:
-    return ConfigDict(json.loads(text))
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix + k).endswith("task.options"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def upgrade_config(stored: dict, *, where: str = "config.json") -> ConfigDict:
+    """A run's stored config on top of today's defaults: the one upgrade path for old run directories.
+
+    Keys a stored config lacks (added since the run was made) take their
+    defaults, which reproduce the behaviour before they existed; keys in
+    ``REMOVED_KEYS`` are dropped. Any other key today's code does not know
+    is refused, naming it.
+    """
+    config = default_config()
+    unknown = []
+    for key, value in _flatten(stored).items():
+        if key in REMOVED_KEYS:
+            continue
+        node, parts = config, key.split(".")
+        for part in parts[:-1]:
+            node = node[part] if isinstance(node, ConfigDict) and part in node else None
+            if node is None:
+                break
+        if node is None or (parts[-1] not in node and not key.startswith("task.options")):
+            unknown.append(key)
+            continue
+        with node.unlocked() if hasattr(node, "unlocked") else _null():
+            node[parts[-1]] = ConfigDict(value) if isinstance(value, dict) else value
+    if unknown:
+        raise ConfigError(f"{where} has keys this version of alphareason does not know: {', '.join(unknown)}; "
+                          f"it was written by another version. Use that version, or retrain in a new --workdir")
+    return config
 
 
 def run_config(workdir: str) -> ConfigDict:
@@ -213,4 +243,4 @@ def run_config(workdir: str) -> ConfigDict:
         raise ConfigError(f"{workdir} has no config.json: it is not a training run directory. Train first with "
                           f"`alphareason train --config configs/countdown_tiny.py --workdir {workdir}`")
     with open(path) as f:
-        return from_json(f.read())
+        return upgrade_config(json.load(f), where=path)

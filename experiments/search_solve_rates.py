@@ -27,7 +27,7 @@ from flax import nnx
 
 def _problems(config, workdir, task, n: int, seed: int) -> list[dict]:
     """``n`` fresh problems: in none of the run's data splits."""
-    from alphareason.train.sft import split_problems
+    from alphareason.run import split_problems
     used = [p for split in ("train", "validation", "test") for p in split_problems(config, workdir, split)]
     return task.generate(seed, n, exclude=used)
 
@@ -35,7 +35,7 @@ def _problems(config, workdir, task, n: int, seed: int) -> list[dict]:
 def _evaluate(model, task, problems, *, strategy, key, simulations=16, samples=1, candidates=8, batch_size=100,
               mode="sample"):
     from alphareason.search.env import EnvConfig
-    from alphareason.search.evaluate import EvalSettings, Evaluator
+    from alphareason.eval import EvalSettings, Evaluator
     from alphareason.search.mcts import SearchConfig
     settings = EvalSettings(strategy=strategy, samples=samples, temperature=0.7, batch_size=batch_size,
                             env=EnvConfig(num_candidates=candidates, candidates=mode),
@@ -51,7 +51,7 @@ def run(runs: dict[str, str], out: str, *, num_problems: int = 100, simulations:
         candidates: int = 8, seed: int = 2024, kinds: Sequence[str] = ("sft", "untrained", "untrained+legal")) -> dict:
     from alphareason.config import run_config
     from alphareason.model import Transformer
-    from alphareason.train.sft import load_model
+    from alphareason.run import load_model
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "solve_rates.json")
     result = {"num_problems": num_problems, "candidates": candidates, "simulations": list(simulations), "tasks": {}}

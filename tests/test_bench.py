@@ -70,7 +70,7 @@ def test_the_traced_products_of_a_training_step_are_the_flops_the_benches_count(
     from alphareason.config import load_config
     from alphareason.data.loader import collate, encode_example
     from alphareason.model import flops_per_token
-    from alphareason.train.sft import make_model_config, make_task
+    from alphareason.run import make_model_config, make_task
     config = load_config("configs/countdown_tiny.py", MICRO)
     task = make_task(config)
     mcfg = make_model_config(config, task)

@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 
 from alphareason.cli import main
 from alphareason.data import load_records
-from alphareason.train.sft import make_task, train_sft
+from alphareason.run import make_task
+from alphareason.train.sft import train_sft
 from helpers import micro_config
 
 COUNTDOWN3 = ["--option", "num_numbers=3", "--option", "max_number=10", "--option", "min_target=10",

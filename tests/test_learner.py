@@ -13,7 +13,7 @@ from alphareason import tokenizer as tok
 from alphareason.model import ModelConfig, tile_cache
 from alphareason.model.sampling import sample_step
 from alphareason.model.testing import perturbed_model
-from alphareason.search.env import NEG_INF, after_equals
+from alphareason.search.env import NEG_INF
 from alphareason.tasks import get_task
 from alphareason.train.learner import candidate_logits, selfplay_loss
 
@@ -87,11 +87,15 @@ def _sequential(graphdef, params, tokens, length, cands, tool_mask):
     return logprob.reshape(Bn, Kn), value_logits
 
 
+CALCULATOR = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30, tool="calculator")
+NO_TOOL = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _parallel(graphdef, params, tokens, length, cands, tool):
     model = nnx.merge(graphdef, params)
-    return candidate_logits(model, tokens, length, cands, jnp.ones(cands.shape[:2], bool), tool=tool,
-                            length_normalize=False)
+    return candidate_logits(model, CALCULATOR if tool else NO_TOOL, tokens, length, cands,
+                            jnp.ones(cands.shape[:2], bool), length_normalize=False)
 
 
 @pytest.mark.parametrize("tool", [False, True])
@@ -99,7 +103,7 @@ def test_parallel_candidate_scoring_equals_sequential_cached_decoding(task, mode
     _, tokens, length, cands = _states(task)
     graphdef, params = nnx.split(model)
     flat = jnp.asarray(cands.reshape(B * K, -1))
-    tool_mask = (after_equals(flat) if tool else jnp.zeros(flat.shape, bool)).reshape(cands.shape)
+    tool_mask = (CALCULATOR if tool else NO_TOOL).tool_written(flat).reshape(cands.shape)
     want, want_value = _sequential(graphdef, params, tokens, length, cands, tool_mask)
     got, got_value = _parallel(graphdef, params, tokens, length, cands, tool)
     assert float(jnp.std(want)) > 0.5  # the perturbed model gives the candidates different scores
@@ -130,8 +134,8 @@ def test_invalid_candidates_are_masked(task, model):
     _, tokens, length, cands = _states(task)
     valid = np.ones((B, K), bool)
     valid[0, 1] = valid[2, 3] = False
-    logits, _ = candidate_logits(model, jnp.asarray(tokens), jnp.asarray(length), jnp.asarray(cands),
-                                 jnp.asarray(valid), tool=False, length_normalize=False)
+    logits, _ = candidate_logits(model, NO_TOOL, jnp.asarray(tokens), jnp.asarray(length), jnp.asarray(cands),
+                                 jnp.asarray(valid), length_normalize=False)
     assert float(logits[0, 1]) == NEG_INF and float(logits[2, 3]) == NEG_INF
     assert np.all(np.asarray(logits)[valid] > NEG_INF / 2)
 
@@ -149,9 +153,9 @@ def test_policy_loss_is_cross_entropy_to_action_weights_and_learns(task):
              "outcome": np.array([1, 0, 1], np.float32)}
     batch = jax.tree.map(jnp.asarray, batch)
 
-    loss, metrics = selfplay_loss(model, batch, policy_weight=1.0, value_weight=0.0)
-    logits, _ = candidate_logits(model, batch["tokens"], batch["length"], batch["candidates"], batch["cand_valid"],
-                                 tool=False, length_normalize=False)
+    loss, metrics = selfplay_loss(model, batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0)
+    logits, _ = candidate_logits(model, NO_TOOL, batch["tokens"], batch["length"], batch["candidates"],
+                                 batch["cand_valid"], length_normalize=False)
     log_pi = np.asarray(jax.nn.log_softmax(logits, -1))
     want = -np.mean(0.8 * log_pi[:, 0] + 0.2 * log_pi[:, 1])
     np.testing.assert_allclose(float(metrics["policy_loss"]), want, rtol=1e-5)
@@ -163,7 +167,7 @@ def test_policy_loss_is_cross_entropy_to_action_weights_and_learns(task):
     @jax.jit
     def step(state, opt_state):
         def f(s):
-            return selfplay_loss(nnx.merge(graphdef, s), batch, policy_weight=1.0, value_weight=1.0)[0]
+            return selfplay_loss(nnx.merge(graphdef, s), batch, task=NO_TOOL, policy_weight=1.0, value_weight=1.0)[0]
         loss, grads = jax.value_and_grad(f)(state)
         updates, opt_state = tx.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
@@ -191,10 +195,10 @@ def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, mo
     batch = jax.tree.map(jnp.asarray, {
         "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": weights,
         "search_value": np.zeros((B,), np.float32), "outcome": np.zeros((B,), np.float32)})
-    _, metrics = selfplay_loss(model, batch, policy_weight=1.0, value_weight=0.0)
+    _, metrics = selfplay_loss(model, batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0)
     distinct = np.array([True, True, True, False])
-    logprob, _ = candidate_logits(model, batch["tokens"], batch["length"], batch["candidates"],
-                                  jnp.ones((B, K), bool), tool=False, length_normalize=False)
+    logprob, _ = candidate_logits(model, NO_TOOL, batch["tokens"], batch["length"], batch["candidates"],
+                                  jnp.ones((B, K), bool), length_normalize=False)
     logprob = np.asarray(logprob)[:, distinct]
     log_pi = logprob - np.log(np.sum(np.exp(logprob - logprob.max(-1, keepdims=True)), -1, keepdims=True)) \
         - logprob.max(-1, keepdims=True)

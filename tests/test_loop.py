@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from alphareason.config import ConfigError
-from alphareason.train.checkpoint import Checkpointer
-from alphareason.train.loop import run_training, validate_config
+from alphareason.checkpoint import Checkpointer
+from alphareason.train.loop import SelfPlayLoop, run_training, validate_config
 from alphareason.train.metrics import read_metrics
 from alphareason.train.replay import ReplayBuffer
-from alphareason.train.sft import load_model, make_task
+from alphareason.run import load_model, make_task
 from helpers import micro_config
 
 TIMING_KEYS = ("seconds", "per_s")
@@ -33,17 +33,21 @@ class Killed(Exception):
     pass
 
 
-def kill_at(phase, iteration, nth=1):
-    """An ``interrupt`` hook that raises at the ``nth`` call for (phase, iteration)."""
+def kill_at(monkeypatch, phase, iteration, nth=1):
+    """Makes the loop die once, at the ``nth`` unit of work of ``phase`` in ``iteration``: an actor batch
+    (``selfplay``), a learner step (``learn``) or the checkpoint (``checkpoint``), before it runs."""
+    method = {"selfplay": "play_batch", "learn": "learn_step", "checkpoint": "save"}[phase]
+    original = getattr(SelfPlayLoop, method)
     calls = {"n": 0}
 
-    def hook(p, it):
-        if p == phase and it == iteration:
+    def wrapped(self, *args, **kwargs):
+        if self.it.iteration + 1 == iteration:
             calls["n"] += 1
             if calls["n"] == nth:
                 raise Killed(f"{phase} {iteration} #{nth}")
+        return original(self, *args, **kwargs)
 
-    return hook
+    monkeypatch.setattr(SelfPlayLoop, method, wrapped)
 
 
 def _strip_timing(rows):
@@ -81,12 +85,13 @@ def test_uninterrupted_run_writes_iterations_and_checkpoints(reference):
 
 
 @pytest.mark.parametrize("phase,nth", [("selfplay", 2), ("learn", 2), ("checkpoint", 1)])
-def test_killed_run_resumes_exactly(reference, tmp_path, phase, nth):
+def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch, phase, nth):
     """Kill in iteration 2 (mid self-play, mid learning, or just before the checkpoint), rerun: same result."""
     config, ref_dir, ref_out = reference
     workdir = str(tmp_path / "run")
+    kill_at(monkeypatch, phase, 2, nth)
     with pytest.raises(Killed):
-        run_training(config, workdir, progress=False, log=lambda *_: None, interrupt=kill_at(phase, 2, nth))
+        run_training(config, workdir, progress=False, log=lambda *_: None)
     assert Checkpointer(os.path.join(workdir, "checkpoints", "selfplay")).latest_step() == 1
     out = run_training(loop_config(), workdir, progress=False, log=lambda *_: None)
 

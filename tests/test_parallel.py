@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent("""
 
     @jax.jit
     def grads(params, batch):
-        f = lambda p: selfplay_loss(nnx.merge(graphdef, p), batch)[0]
+        f = lambda p: selfplay_loss(nnx.merge(graphdef, p), batch, task=task)[0]
         return jax.value_and_grad(f)(params)
 
     loss1, g1 = grads(params, batch)

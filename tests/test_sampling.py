@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx, struct
 
-from alphareason.model import ModelConfig, Transformer, prefill_token_forwards, sample_step
+from alphareason.model import ModelConfig, Tool, Transformer, prefill_token_forwards, sample_step
 from alphareason.model.sampling import top_p_filter
 from alphareason.model.testing import forward, perturbed_model
 from alphareason.tokenizer import BOS, DIGIT0, EOS, EQUALS, PAD, SEP, VOCAB_SIZE, char_id, encode
@@ -199,8 +199,8 @@ def test_scripted_stop_truncation_and_tool_forcing():
     model = ScriptedModel(script)
     cache = FedCache(fed=jnp.zeros((5, 16), jnp.int32), lengths=jnp.full((5,), prefix, jnp.int32))
     run = jax.jit(lambda cache, key: sample_step(model, cache, model.logits_at(cache.lengths), key,
-                                                 max_step_len=STEP, greedy=True, tool_fn=calculator,
-                                                 tool_output_len=3))
+                                                 max_step_len=STEP, greedy=True,
+                                                 tool=Tool(trigger=EQUALS, output=calculator, width=3)))
     out = run(cache, jax.random.key(0))
     expected = ["1+2=3\n", "12\n", "7", "xxxxxxxx", "4+5=9\n"]
     lengths = [6, 3, 2, 8, 6]

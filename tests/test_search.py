@@ -29,10 +29,11 @@ from alphareason import cli
 from alphareason import tokenizer as tok
 from alphareason.model.testing import forward, perturbed_model
 from alphareason.search import EnvConfig, EpisodeRunner, SearchConfig, Searcher, export_tree
-from alphareason.search.env import NEG_INF, Node, ReasoningEnv, after_equals, first_duplicates
+from alphareason.search.env import NEG_INF, Node, ReasoningEnv, first_duplicates
 from alphareason.search.mcts import greedy_action, node_expansions
 from alphareason.tasks import ProblemError, get_task, run_transition
-from alphareason.train.sft import make_model_config, make_task, train_sft
+from alphareason.run import make_model_config, make_task
+from alphareason.train.sft import train_sft
 from alphareason.viz import tree_io
 from helpers import micro_config
 
@@ -400,14 +401,14 @@ def test_export_needs_the_tree(setup, results):
 def test_enumerated_search_computes_exactly_what_it_accounts(setup, results):
     """Counted by a wrapper around the model (every prefix and candidate token it is given): enumerated
     steps cost one pass over prefix + candidates per expansion, no separate prefill; same tree."""
-    from alphareason.search.strategies import TokenCounter, TokenCountingModel, computed_token_forwards
+    from alphareason.eval.budget import TokenCounter, TokenCountingModel
     counter = TokenCounter()
     graphdef, params = nnx.split(TokenCountingModel(nnx.merge(setup["graphdef"], setup["params"]), counter))
     env, search = SETTINGS["enumerate"]
     searcher = Searcher(setup["task"], graphdef, env, search, seq_len=setup["seq_len"], keep_tree=True)
     inputs = jax.tree.map(jnp.asarray, searcher.env.initial(setup["problems"]))
     counted = searcher(params, jax.random.split(jax.random.key(SEED), 3), inputs)
-    assert counter.total == int(computed_token_forwards(counted.tree).sum()) > 0
+    assert counter.total == int(counted.computed_token_forwards.sum()) > 0
     np.testing.assert_array_equal(counted.visit_counts, results("enumerate").visit_counts)
 
 
@@ -447,7 +448,8 @@ def test_root_priors_are_the_candidates_log_likelihood(setup, results):
                 seqs[k, n: n + root.candidates.shape[2]] = root.candidates[b, k]
             logits, _ = forward(graphdef, params, jnp.asarray(seqs))
             logp = np.asarray(jax.nn.log_softmax(logits, -1))
-            model_written = ~np.asarray(after_equals(jnp.asarray(root.candidates[b]))) & (root.candidates[b] != tok.PAD)
+            tool_written = np.asarray(setup["task"].tool_written(jnp.asarray(root.candidates[b])))
+            model_written = ~tool_written & (root.candidates[b] != tok.PAD)
             for k in range(K):
                 if not root.cand_length[b, k]:
                     continue
@@ -650,7 +652,7 @@ def trained(tmp_path_factory):
 
 def test_cli_search_prints_the_solution_and_writes_the_tree(trained, tmp_path, capsys):
     path = str(tmp_path / "tree.json")
-    rc = cli.main(["search", "--workdir", trained["workdir"], "--numbers", "5", "4", "4", "--target", "24",
+    rc = cli.main(["search", "--workdir", trained["workdir"], "--problem", "5 4 4 -> 24",
                    "--simulations", "8", "--json", path])
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -669,7 +671,7 @@ def test_cli_search_prints_the_solution_and_writes_the_tree(trained, tmp_path, c
 
 
 def test_cli_search_rejects_a_bad_problem(trained, capsys):
-    rc = cli.main(["search", "--workdir", trained["workdir"], "--numbers", "5", "4", "44", "--target", "24"])
+    rc = cli.main(["search", "--workdir", trained["workdir"], "--problem", '{"numbers": [5, 4, 44], "target": 24}'])
     err = capsys.readouterr().err
     assert rc == 2 and "number 44 is out of range" in err and "Traceback" not in err
 

@@ -10,7 +10,6 @@ solved. One test runs Countdown with the calculator tool.
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -22,14 +21,15 @@ import pytest
 from alphareason import tokenizer as tok
 from alphareason.model import ModelConfig
 from alphareason.model.testing import perturbed_model
-from alphareason.search.strategies import (LearnedRewardEnv, StrategyConfig, StrategyRunner, TokenCounter,
-                                           TokenCountingModel, _Lanes, beam_sources, lanes_for_budget, log2_budgets,
-                                           parse_strategy, select_by_value, select_by_verifier, select_by_vote,
-                                           simulations_for_budget)
+from alphareason.eval import scaling as exp
+from alphareason.eval.budget import (TokenCounter, TokenCountingModel, lanes_for_budget, log2_budgets,
+                                     simulations_for_budget)
+from alphareason.eval.runner import StrategyRunner, _Lanes
+from alphareason.eval.select import select_by_value, select_by_verifier, select_by_vote
+from alphareason.eval.strategy import StrategyConfig, parse_strategy
+from alphareason.search.decode import beam_sources
 from alphareason.tasks import Task, Verdict, get_task
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not part of the package
-from experiments import test_time_scaling as exp  # noqa: E402
 
 
 class EchoTask(Task):
@@ -150,8 +150,8 @@ def test_verifier_selection_only_when_named():
         with pytest.raises(ValueError, match="no verifier option"):
             StrategyConfig(name, verifier=True)
     r = StrategyRunner(MODEL, ECHO)
-    assert isinstance(r._searcher(StrategyConfig("mcts_gumbel"), 1).env, LearnedRewardEnv)
-    assert not isinstance(r._searcher(StrategyConfig("mcts_gumbel", verifier=True), 1).env, LearnedRewardEnv)
+    assert r._searcher(StrategyConfig("mcts_gumbel"), 1).env.config.terminal_reward == "value"
+    assert r._searcher(StrategyConfig("mcts_gumbel", verifier=True), 1).env.config.terminal_reward == "verifier"
     # learned selection never reads the verifier's verdicts; the oracle option does
     B, N, T = len(PROBLEMS), 3, 16
     tokens = np.full((B, N, T), tok.PAD, np.int32)

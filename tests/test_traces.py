@@ -16,9 +16,10 @@ from alphareason.config import ConfigError
 from alphareason.data.builder import cut_to_fit, examples_for, make_spec
 from alphareason.data.loader import collate, encode_example
 from alphareason.model.transformer import ModelConfig, Transformer
-from alphareason.search.evaluate import EvalSettings, Evaluator
+from alphareason.eval import EvalSettings, Evaluator
 from alphareason.tasks import get_task
-from alphareason.train.sft import make_data_spec, make_optimizer, make_train_step, sequence_length, train_sft
+from alphareason.run import make_data_spec, make_optimizer, sequence_length
+from alphareason.train.sft import make_train_step, train_sft
 from helpers import micro_config
 
 TASK = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30, tool=None)

@@ -11,8 +11,9 @@ from flax import nnx
 from alphareason.config import ConfigError, apply_overrides, load_config
 from alphareason.data import BatchIterator, build_dataset, encode_example
 from alphareason import tokenizer as tok
+from alphareason import run
 from alphareason.train import sft
-from alphareason.train.checkpoint import Checkpointer, CheckpointError
+from alphareason.checkpoint import Checkpointer, CheckpointError
 from alphareason.train.metrics import read_metrics
 from helpers import micro_config
 
@@ -38,9 +39,9 @@ def test_encode_example_masks_tool_output_and_prompt():
 
 def test_batch_iterator_is_deterministic_and_resumable(tmp_path):
     config = micro_config()
-    builder = build_dataset(sft.make_data_spec(config), tmp_path / "data")
+    builder = build_dataset(run.make_data_spec(config), tmp_path / "data")
     source = builder.as_data_source(split="train")
-    task = sft.make_task(config)
+    task = run.make_task(config)
     a = BatchIterator(source, task, batch_size=8, seq_len=40, seed=0)
     batches = [next(a)["tokens"] for _ in range(20)]  # crosses epoch boundaries
     b = BatchIterator(source, task, batch_size=8, seq_len=40, seed=0, position=8 * 13)
@@ -50,7 +51,7 @@ def test_batch_iterator_is_deterministic_and_resumable(tmp_path):
 
 def test_dataset_splits_are_disjoint_and_rebuilt_identically(tmp_path):
     config = micro_config()
-    spec = sft.make_data_spec(config)
+    spec = run.make_data_spec(config)
     b1 = build_dataset(spec, tmp_path / "d1")
     b2 = build_dataset(spec, tmp_path / "d2")
     from alphareason.data import load_records
@@ -116,7 +117,7 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
 
 def test_missing_checkpoint_message(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        sft.load_model(micro_config(), str(tmp_path))
+        run.load_model(micro_config(), str(tmp_path))
 
 
 def test_config_errors():
@@ -131,7 +132,7 @@ def test_config_errors():
         load_config("configs/nope.py")
     for name in ("countdown_tiny", "countdown4", "game24", "arithmetic"):
         c = load_config(f"configs/{name}.py")
-        sft.make_model_config(c, sft.make_task(c))
+        run.make_model_config(c, run.make_task(c))
 
 
 def test_workdir_with_other_config_is_refused(tmp_path):

@@ -191,8 +191,8 @@ def bf16_ceiling(products: list[dict], step_seconds_float32: float, repeats: int
 # ------------------------------------------------------------------ training
 def _preload_batches(config, task, seq_len: int, num_batches: int, data_dir: str) -> list[dict]:
     from alphareason.data import BatchIterator, build_dataset
-    from alphareason.train.sft import make_data_spec
-    builder = build_dataset(make_data_spec(config), data_dir)
+    from alphareason.run import make_data_spec
+    builder = build_dataset(make_data_spec(config, task), data_dir)
     batches = BatchIterator(builder.as_data_source(split="train"), task, batch_size=config.train.batch_size,
                             seq_len=seq_len, seed=config.seed)
     return [jax.tree.map(jnp.asarray, next(batches)) for _ in range(num_batches)]
@@ -205,7 +205,8 @@ def train_throughput(config, task, mcfg, batches: list[dict], steps: int) -> dic
     The first two steps (compilation) are not timed.
     """
     from alphareason.model import Transformer
-    from alphareason.train.sft import make_optimizer, make_train_step
+    from alphareason.run import make_optimizer
+    from alphareason.train.sft import make_train_step
     t = config.train
     runs = {}
     for name in ("float32", "bfloat16"):
@@ -239,7 +240,8 @@ def train_throughput(config, task, mcfg, batches: list[dict], steps: int) -> dic
 def _float32_step(config, mcfg, batch):
     """(the jitted float32 SFT step, its state, ``batch``), for tracing its products."""
     from alphareason.model import Transformer
-    from alphareason.train.sft import make_optimizer, make_train_step
+    from alphareason.run import make_optimizer
+    from alphareason.train.sft import make_train_step
     t = config.train
     model = Transformer(mcfg, rngs=nnx.Rngs(config.seed))
     optimizer = make_optimizer(model, learning_rate=t.learning_rate, steps=2, warmup_steps=1,
@@ -332,7 +334,7 @@ def run_model_bench(out_path: str, *, quick: bool = False, config_path: str = "c
     """
     from alphareason.config import load_config
     from alphareason.model import Transformer, count_params, flops_per_token
-    from alphareason.train.sft import make_model_config, make_task
+    from alphareason.run import make_model_config, make_task
 
     config = load_config(config_path, overrides)
     task = make_task(config)

@@ -37,7 +37,7 @@ from alphareason.config import load_config
 from alphareason.model import Transformer, count_params
 from alphareason.search.env import INPUT_KEYS, EnvConfig, ReasoningEnv
 from alphareason.search.mcts import SearchConfig, Searcher
-from alphareason.train.sft import make_model_config, make_task
+from alphareason.run import make_model_config, make_task
 
 
 def _block(tree):
@@ -57,7 +57,7 @@ def _time(fn, repeats: int) -> float:
 def _setup(config_path: str, *, num_candidates: int, workdir: str | None = None, overrides=()):
     if workdir:  # a trained run: realistic trees (an untrained network's steps are almost all invalid)
         from alphareason.config import run_config
-        from alphareason.train.sft import load_model
+        from alphareason.run import load_model
         config = run_config(workdir)
         model, task, _ = load_model(config, workdir)
         graphdef, params = nnx.split(model)

@@ -58,7 +58,6 @@ def run_selfplay_bench(out_path: str, *, config_path: str = "configs/countdown_t
         selfplay = read_metrics(workdir, "selfplay")
         evals = read_metrics(workdir, "eval")
         timing = read_metrics(workdir, "timing")
-        sft = read_metrics(workdir, "sft")
     finally:
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 from alphareason.model.transformer import (KVCache, ModelConfig, Transformer, count_params, flops_per_token,
                                            matmul_params, tile_cache)
-from alphareason.model.sampling import StepSample, prefill_token_forwards, sample_step
+from alphareason.model.sampling import StepSample, Tool, prefill_token_forwards, sample_step
 
 __all__ = ["KVCache", "ModelConfig", "Transformer", "count_params", "flops_per_token", "matmul_params",
-           "tile_cache", "StepSample", "prefill_token_forwards", "sample_step"]
+           "tile_cache", "StepSample", "Tool", "prefill_token_forwards", "sample_step"]

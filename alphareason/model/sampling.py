@@ -4,8 +4,9 @@
 network's output at the end of a prefix it writes one step (tokens up to and
 including the step separator ``SEP``, or ``EOS``) per row, with static shapes
 (a ``lax.while_loop`` over at most ``S = max_step_len`` positions) so it can
-run under ``jit`` and ``vmap``-free batched search. A task tool (the
-calculator) may force the tokens after ``=``.
+run under ``jit`` and ``vmap``-free batched search. A tool (``Tool``: the
+task's calculator) may force the tokens after its trigger token; the network
+itself knows no task syntax.
 
 Compute accounting: ``token_forwards`` counts the (row, token) pairs actually
 pushed through ``decode`` for active rows. Padded lanes (rows that already
@@ -19,15 +20,34 @@ from __future__ import annotations
 
 from typing import Callable
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from alphareason.model.transformer import KVCache, Transformer
-from alphareason.tokenizer import BOS, EOS, EQUALS, PAD, SEP
+from alphareason.tokenizer import BOS, EOS, PAD, SEP
 
-# tool_fn(step_tokens int32[B, S], length int32[B]) -> (forced int32[B, F], count int32[B])
+# output(step_tokens int32[B, S], length int32[B]) -> (forced int32[B, F], count int32[B])
 ToolFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A tool as the sampler sees it (built by the task's side, e.g. ``search.env.task_tool``).
+
+    Attributes:
+      trigger: the token id after which the tool writes (the calculator: ``=``).
+      output: ``(step_tokens int32[B, S], length int32[B]) -> (forced int32[B,
+        F], count int32[B])``: the tokens the tool writes after a step that
+        ends in ``trigger``.
+      width: F, the width of ``forced``.
+    """
+
+    trigger: int
+    output: ToolFn
+    width: int
 
 
 @struct.dataclass
@@ -95,8 +115,7 @@ def choose_tokens(logits, key, *, temperature=1.0, top_p=1.0, greedy=False) -> j
 
 def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.Array, *,
                 max_step_len: int, temperature=1.0, top_p=1.0, greedy: bool = False,
-                tool_fn: ToolFn | None = None, tool_output_len: int = 0,
-                value_logits: jax.Array | None = None, active: jax.Array | None = None) -> StepSample:
+                tool: Tool | None = None, value_logits: jax.Array | None = None, active: jax.Array | None = None) -> StepSample:
     """Writes one reasoning step per row, starting after the prefix in ``cache``.
 
     Args:
@@ -112,14 +131,12 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
       temperature, top_p, greedy: how tokens are chosen (never PAD or BOS).
         The returned ``logprob`` is always under the untempered, unfiltered
         model distribution (the full softmax over the vocabulary).
-      tool_fn: optional ``(step_tokens int32[B, S], length int32[B]) ->
-        (forced int32[B, F], count int32[B])``, called every iteration. When a
-        row's last model-chosen token is ``=`` (``tokenizer.EQUALS``), its next
-        ``min(count, F)`` tokens are ``forced[:count]`` instead of model choices.
-        Forced tokens are fed through ``decode`` (and count as token forwards)
-        but add nothing to ``logprob`` or ``num_sampled``; a forced SEP/EOS
-        ends the step like a sampled one.
-      tool_output_len: F, the width of the forced buffer.
+      tool: optional ``Tool``, whose ``output`` is called every iteration.
+        When a row's last model-chosen token is ``tool.trigger``, its next
+        ``min(count, F)`` tokens are ``forced[:count]`` instead of model
+        choices. Forced tokens are fed through ``decode`` (and count as token
+        forwards) but add nothing to ``logprob`` or ``num_sampled``; a forced
+        SEP/EOS ends the step like a sampled one.
       value_logits: f32[B], optional value at the prefix's last position
         (returned for rows that write nothing).
       active: bool[B] or None (all). Inactive rows write nothing and keep
@@ -133,9 +150,9 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
     batch, vocab = logits.shape
     if max_step_len <= 0:
         raise ValueError(f"max_step_len={max_step_len} must be positive")
-    if tool_fn is not None and tool_output_len <= 0:
-        raise ValueError("a tool_fn needs tool_output_len > 0 (the width of its forced-token buffer)")
-    width = max(tool_output_len, 1)
+    if tool is not None and tool.width <= 0:
+        raise ValueError("a tool needs width > 0 (the width of its forced-token buffer)")
+    width = tool.width if tool is not None else 1
     rows = jnp.arange(batch)
     done = jnp.zeros((batch,), bool) if active is None else ~jnp.asarray(active, bool)
     state = dict(
@@ -173,9 +190,9 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
             num_sampled=s["num_sampled"] + sampled,
             forced_left=s["forced_left"] - forcing, forced_pos=s["forced_pos"] + forcing,
             token_forwards=s["token_forwards"] + jnp.sum(writing, dtype=jnp.int32))
-        if tool_fn is not None:
-            call_tool = sampled & (token == EQUALS) & ~ended
-            forced, count = tool_fn(n["tokens"], n["length"])
+        if tool is not None:
+            call_tool = sampled & (token == tool.trigger) & ~ended
+            forced, count = tool.output(n["tokens"], n["length"])
             n["forced"] = jnp.where(call_tool[:, None], forced.astype(jnp.int32), s["forced"])
             n["forced_left"] = jnp.where(call_tool, jnp.clip(count, 0, width), n["forced_left"])
             n["forced_pos"] = jnp.where(call_tool, 0, n["forced_pos"])

@@ -67,12 +67,13 @@ import numpy as np
 from flax import nnx, struct
 
 from alphareason import tokenizer as tok
-from alphareason.model import tile_cache
+from alphareason.model import Tool, tile_cache
 from alphareason.model.sampling import sample_step
 from alphareason.tasks import Problem, Task
 
 NEG_INF = -1e9  # prior logit of a masked candidate (finite: mctx takes softmaxes)
 CANDIDATE_MODES = ("sample", "enumerate", "tokens")
+TERMINAL_REWARDS = ("verifier", "value")
 INPUT_KEYS = ("tokens", "length", "step_start", "task_state", "done")  # a state, as ``initial`` returns it
 
 
@@ -108,6 +109,11 @@ class EnvConfig:
       top_p: nucleus sampling threshold for the candidates.
       length_normalize: divide the prior's log-likelihood by the candidate's
         model-written tokens (tool tokens excluded).
+      terminal_reward: what a step that ends the chain earns: ``"verifier"``
+        (the task's exact verdict, 1 solved / 0 not) or ``"value"`` (the
+        value head's estimate at the end of that step: search that never
+        consults the verifier, for test-time strategies; that node's prefill
+        is then charged, since its output is used).
     """
 
     num_candidates: int = 8
@@ -115,6 +121,7 @@ class EnvConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     length_normalize: bool = False
+    terminal_reward: str = "verifier"
 
 
 class ReasoningEnv:
@@ -126,13 +133,15 @@ class ReasoningEnv:
     """
 
     def __init__(self, task: Task, graphdef, config: EnvConfig, *, seq_len: int, max_depth: int | None = None):
+        if config.terminal_reward not in TERMINAL_REWARDS:
+            raise ValueError(f"terminal_reward={config.terminal_reward!r}; choose one of {', '.join(TERMINAL_REWARDS)}")
         if config.candidates not in CANDIDATE_MODES:
             raise ValueError(f"search.candidates={config.candidates!r}; choose one of {', '.join(CANDIDATE_MODES)}")
         self.task, self.graphdef, self.config = task, graphdef, config
         self.seq_len = seq_len
         self.step_len = task.max_step_len
         self.max_depth = max_depth
-        needed = task.max_prompt_len + task.max_steps * task.max_step_len
+        needed = task.context_len() - 1  # the prompt and max_steps steps; no EOS after a search's chain
         if seq_len < needed:
             raise ValueError(f"the model's context (max_len={seq_len} tokens) cannot hold a chain of thought of "
                              f"task {task.name}: prompt {task.max_prompt_len} + {task.max_steps} steps x "
@@ -217,13 +226,9 @@ class ReasoningEnv:
             state_k = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), task_state)
             if mode == "sample":
                 cache_k, logits_k, propose_k = tile_cache(cache, K), jnp.repeat(logits, K, 0), jnp.repeat(propose, K)
-                tool_fn = None
-                if self.task.tool is not None:
-                    def tool_fn(step_tokens, step_length):
-                        return jax.vmap(self.task.tool_output)(state_k, step_tokens, step_length)
                 sample = sample_step(model, cache_k, logits_k, key, max_step_len=S,
                                      temperature=self.config.temperature, top_p=self.config.top_p,
-                                     tool_fn=tool_fn, tool_output_len=self.task.tool_output_len, active=propose_k)
+                                     tool=task_tool(self.task, state_k), active=propose_k)
                 cands = sample.tokens.reshape(B, K, S)
                 cand_length = sample.length.reshape(B, K)
                 logprob = sample.logprob.reshape(B, K)
@@ -231,12 +236,10 @@ class ReasoningEnv:
             else:
                 steps, _ = jax.vmap(self.task.legal_steps)(task_state)  # [B, K, S]
                 cands = jnp.where(propose[:, None, None], steps, tok.PAD)
-                tool = after_equals(cands) if self.task.tool else jnp.zeros_like(cands, bool)
                 # All K steps of a row in one parallel pass over [prefix | step_0 | ... | step_{K-1}],
                 # which also gives the value at the prefix's last token (what a prefill would).
-                logprob, value_logits = score_enumerated(model, tokens, length, cands, tool)
+                logprob, num_sampled, value_logits = score_candidates(model, self.task, tokens, length, cands)
                 cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
-                num_sampled = jnp.sum((~tool) & (cands != tok.PAD), -1)
             decoded = cand_length.sum(-1)
             _, legal_k, _, _ = jax.vmap(self.task.step)(state_k, cands.reshape(B * K, S))
             valid = legal_k.reshape(B, K) & ~first_duplicates(cands) & propose[:, None]
@@ -310,9 +313,9 @@ class ReasoningEnv:
         step = jnp.where(pos < step_len[:, None], step, tok.PAD)
         step = jnp.where(pos == step_len[:, None], token[:, None], step)
         step_len = step_len + 1
-        if task.tool is not None:
+        if task.tool_trigger is not None:
             forced, count = jax.vmap(task.tool_output)(task_state, step, step_len)
-            n = jnp.where(token == tok.EQUALS, jnp.clip(count, 0, S - step_len), 0)
+            n = jnp.where(token == task.tool_trigger, jnp.clip(count, 0, S - step_len), 0)
             offset = pos - step_len[:, None]
             write = (offset >= 0) & (offset < n[:, None])
             step = jnp.where(write, jnp.take_along_axis(forced, jnp.clip(offset, 0, forced.shape[1] - 1), 1), step)
@@ -337,8 +340,13 @@ class ReasoningEnv:
         nxt = self.transition(node, action)
         prior_logits, value, child = self.expand(
             params, key, {k: nxt[k] for k in INPUT_KEYS + ("solved", "depth")})
+        reward = nxt["reward"]
+        if self.config.terminal_reward == "value":
+            ended_here = child.done & ~node.done
+            reward = jnp.where(ended_here, child.network_value, 0.0).astype(jnp.float32)
+            child = child.replace(token_forwards=child.token_forwards + jnp.where(ended_here, child.length, 0))
         out = mctx.RecurrentFnOutput(
-            reward=nxt["reward"], discount=jnp.where(nxt["done"], 0.0, 1.0).astype(jnp.float32),
+            reward=reward, discount=jnp.where(nxt["done"], 0.0, 1.0).astype(jnp.float32),
             prior_logits=prior_logits, value=value)
         return out, child
 
@@ -359,29 +367,39 @@ def first_duplicates(cands) -> jax.Array:
     return jnp.any(same & earlier[None], axis=-1)
 
 
-def after_equals(steps) -> jax.Array:
-    """bool[N, S]: tokens after the step's ``=`` (what the calculator tool writes)."""
-    seen = jnp.cumsum(steps == tok.EQUALS, axis=-1) > 0
-    return seen & (steps != tok.EQUALS) & (steps != tok.PAD)
+def task_tool(task: Task, state) -> Tool | None:
+    """The task's tool for a batch of task states (leaves ``[B, ...]``), as ``sample_step`` takes it."""
+    if task.tool_trigger is None:
+        return None
+    return Tool(trigger=task.tool_trigger, width=task.tool_output_len,
+                output=lambda steps, length: jax.vmap(task.tool_output)(state, steps, length))
 
 
-def score_enumerated(model, tokens, length, steps, tool_mask):
-    """Log-likelihood of the model-written tokens of K steps per prefix, in one parallel pass.
+def score_candidates(model, task: Task, tokens, length, candidates):
+    """Log-likelihood of the model-written tokens of K candidate steps per prefix, in one parallel pass.
 
-    The same numbers as teacher-forcing each step through a tiled KV cache
-    (checked against full forwards in the tests) at ``T + K * S`` token
-    forwards per row, in one call instead of S sequential decodes of K rows.
+    The one candidate scorer: the search's enumerated candidates and the
+    learner's policy loss both use it. One forward of ``[prefix | cand_0 |
+    ... | cand_{K-1}]`` (``Transformer.score_continuations``) gives the same
+    numbers as teacher-forcing each step through a tiled KV cache (checked
+    against full forwards in the tests) at ``T + K * S`` token forwards per
+    row instead of S sequential decodes of K rows, and is several times
+    cheaper to differentiate.
 
     Args:
       tokens: int32[B, T] prefixes; length: int32[B].
-      steps: int32[B, K, S], PAD after each step (all PAD: nothing to score).
-      tool_mask: bool[B, K, S], tokens written by a tool (not scored).
-    Returns: (logprob float32[B, K] summed log-probabilities, value_logits float32[B] at each prefix's
-      last token, as ``prefill`` gives them).
+      candidates: int32[B, K, S], PAD after each step (all PAD: nothing to score).
+    Returns:
+      (logprob float32[B, K]: summed over the model-written tokens (the
+      task's tool tokens and PAD excluded); num_scored int32[B, K]: how many
+      tokens that is; value_logits float32[B] at each prefix's last token, as
+      ``prefill`` gives them).
     """
-    logits, value_logits = model.score_continuations(tokens, length, steps)  # [B, K, S, V], [B]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), steps[..., None], -1)[..., 0]
-    return jnp.sum(jnp.where((steps != tok.PAD) & ~tool_mask, logp, 0.0), -1), value_logits
+    logits, value_logits = model.score_continuations(tokens, length, candidates)  # [B, K, S, V], [B]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), candidates[..., None], -1)[..., 0]
+    scored = (candidates != tok.PAD) & ~task.tool_written(candidates)
+    return (jnp.sum(jnp.where(scored, logp, 0.0), -1), jnp.sum(scored, -1, dtype=jnp.int32),
+            value_logits.astype(jnp.float32))
 
 
 def _example_problem(task: Task) -> Problem:

@@ -52,6 +52,7 @@ class EpisodeBatch:
     verdicts: list[Verdict]  # the task's Python verifier on ``texts``
     solved: np.ndarray  # bool[B]: as judged by the verifier
     token_forwards: np.ndarray  # int64[B]: model token forwards spent on each problem
+    computed_token_forwards: np.ndarray  # int64[B]: computed by its searches, charged or not (finished rows too)
     moves: list[MoveRecord]
     num_steps: np.ndarray  # int32[B]: moves made (steps; tokens for token-level search)
 
@@ -99,6 +100,7 @@ class EpisodeRunner:
         if self.place is not None:
             inputs = self.place(inputs)
         forwards = np.zeros((B,), np.int64)
+        computed = np.zeros((B,), np.int64)
         steps = np.zeros((B,), np.int32)
         moves: list[MoveRecord] = []
         done = np.zeros((B,), bool)
@@ -114,6 +116,7 @@ class EpisodeRunner:
                                     result.action_weights, temperature=self.action_temperature)
             active = ~done
             forwards += np.where(active, np.asarray(result.token_forwards), 0)
+            computed += np.asarray(result.computed_token_forwards, np.int64)
             if record:
                 moves.append(MoveRecord(
                     tokens=np.asarray(inputs["tokens"]), length=np.asarray(inputs["length"]),
@@ -124,18 +127,18 @@ class EpisodeRunner:
             steps += active
             done = np.asarray(inputs["done"])
         tokens, length = np.asarray(inputs["tokens"]), np.asarray(inputs["length"])
-        return finish_batch(self.task, problems, tokens, length, forwards, moves, steps)
+        return finish_batch(self.task, problems, tokens, length, forwards, moves, steps, computed)
 
 
 def prompt_lengths(task, problems: list[Problem]) -> list[int]:
     return [len(tok.encode(task.prompt(p), bos=True)) for p in problems]
 
 
-def finish_batch(task, problems, tokens, length, forwards, moves, steps) -> EpisodeBatch:
+def finish_batch(task, problems, tokens, length, forwards, moves, steps, computed) -> EpisodeBatch:
     """Decodes the chains of thought and judges them with the Python verifier."""
     starts = prompt_lengths(task, problems)
     texts = [tok.decode(tokens[i, starts[i]: length[i]]) for i in range(len(problems))]
     verdicts = [task.verify(p, t) for p, t in zip(problems, texts)]
     solved = np.array([v.solved for v in verdicts], bool)
     return EpisodeBatch(problems=list(problems), texts=texts, verdicts=verdicts, solved=solved,
-                        token_forwards=forwards, moves=moves, num_steps=steps)
+                        token_forwards=forwards, computed_token_forwards=computed, moves=moves, num_steps=steps)

@@ -87,7 +87,8 @@ class SearchResult:
     search_value: jax.Array  # float32[B]: root value after the search
     network_value: jax.Array  # float32[B]: value head at the root
     root: Node  # root embedding: candidates, their validity and log-likelihoods
-    token_forwards: jax.Array  # int32[B]: model token forwards of the whole search
+    token_forwards: jax.Array  # int32[B]: model token forwards of the whole search (charged to the problem)
+    computed_token_forwards: jax.Array  # int32[B]: charged or not: every expansion's prefix + its candidates
     tree: Any = None  # mctx.Tree with leaves [B, N+1, ...] when keep_tree=True
 
 
@@ -169,11 +170,15 @@ class Searcher:
                 dirichlet_alpha=c.dirichlet_alpha, dirichlet_fraction=c.dirichlet_fraction,
                 temperature=c.puct_temperature)
         tree = out.search_tree
-        forwards = jnp.sum(node_expansions(tree) * tree.embeddings.token_forwards, axis=-1)
+        expansions = node_expansions(tree)
+        forwards = jnp.sum(expansions * tree.embeddings.token_forwards, axis=-1)
+        emb = tree.embeddings
+        computed = jnp.sum(expansions * (emb.length + jnp.sum(emb.cand_length, -1)), axis=-1)
         summary = tree.summary()
         result = SearchResult(
             action=out.action, action_weights=out.action_weights,
             visit_counts=summary.visit_counts.astype(jnp.int32),
             search_value=summary.value, network_value=root.value, root=root.embedding,
-            token_forwards=forwards.astype(jnp.int32), tree=tree)
+            token_forwards=forwards.astype(jnp.int32), computed_token_forwards=computed.astype(jnp.int32),
+            tree=tree)
         return jax.tree.map(lambda x: x[0], result)

@@ -85,6 +85,20 @@ class Task(abc.ABC):
     tool: str | None = None  # "calculator" or None
     num_difficulties: int = 1
 
+    # ------------------------------------------------------------ sizes
+    def context_len(self, *, traces: bool = False) -> int:
+        """Tokens of the longest chain of thought: BOS + prompt, the steps, EOS.
+
+        ``traces``: of the longest search trace (``max_trace_steps`` steps),
+        a bound far above real traces, which a run may cut to a shorter context.
+        """
+        steps = self.max_trace_steps if traces else self.max_steps
+        return self.max_prompt_len + steps * self.max_step_len + 1
+
+    def max_trace_len(self, context: int) -> int:
+        """The most steps a search trace may write in a context of ``context`` tokens."""
+        return self.max_trace_steps
+
     # ---------------------------------------------------------------- problems
     @abc.abstractmethod
     def generate(self, seed: int, n: int, *, difficulty: int | None = None,
@@ -102,6 +116,25 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def validate_problem(self, obj: Mapping[str, Any], *, where: str = "problem") -> Problem:
         """Checks a parsed JSON object; returns the canonical problem or raises ``ProblemError``."""
+
+    def parse_problem(self, text: str, *, where: str = "problem") -> Problem:
+        """A problem typed by a user: a JSON object (the problem file's format) or the prompt's text.
+
+        Raises ``ProblemError`` naming ``where`` and the expected formats.
+        """
+        import json  # noqa: PLC0415
+        text = text.strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ProblemError(f"{where}: {text!r} is not valid JSON ({e.msg})") from None
+            return self.validate_problem(obj, where=where)
+        return self.parse_prompt(text, where=where)
+
+    def parse_prompt(self, text: str, *, where: str = "problem") -> Problem:
+        """The problem whose ``prompt`` is ``text`` (without the final newline)."""
+        raise ProblemError(f"{where}: give the problem as a JSON object, as in a problem file")
 
     def problem_key(self, problem: Problem) -> tuple:
         """Hashable identity used for de-duplication and exclusion lists."""
@@ -166,6 +199,23 @@ class Task(abc.ABC):
         raise NotImplementedError(f"task {self.name!r} has no tool")
 
     tool_output_len: int = 0
+
+    @property
+    def tool_trigger(self) -> int | None:
+        """The token after which the tool writes (the calculator: ``=``); None without a tool.
+
+        The model's sampler and the token-level search ask the task for it:
+        the network knows no task's syntax.
+        """
+        return None
+
+    def tool_written(self, steps):
+        """Jittable: bool[..., S], the tokens of PAD-padded steps int32[..., S] that the tool wrote.
+
+        Without a tool every entry is False.
+        """
+        import jax.numpy as jnp  # noqa: PLC0415
+        return jnp.zeros(jnp.shape(steps), bool)
 
     def legal_steps(self, state: TaskState):
         """Optional jittable legal-step generator: (int32[K, S], bool[K])."""

@@ -180,17 +180,6 @@ def reaches_any(numbers: Iterable[int], target: int) -> bool:
                for sub in set(itertools.combinations(ms, size)))
 
 
-def reachable_any(numbers: Iterable[int]) -> frozenset:
-    """Every value some step can produce from a sub-multiset of ``numbers`` (at least two)."""
-    ms = tuple(sorted(numbers))
-    out: set = set()
-    for size in range(2, len(ms) + 1):
-        for sub in set(itertools.combinations(ms, size)):
-            out |= _cached(sub)
-    return frozenset(out)
-
-
-# -------------------------------------------------------------- the chain state
 class _Chain:
     """The verifier's state: slots of values, the undo stack, how it ended."""
 
@@ -614,6 +603,26 @@ class CountdownTask(Task):
             return Verdict(False, f"step {n} leaves {chain.last}, not the target {target}", n, chain.last)
         left = chain.available
         return Verdict(False, f"incomplete: {len(left)} numbers remain ({_num_list(left)})", n, chain.last)
+
+    def parse_prompt(self, text: str, *, where: str = "problem") -> Problem:
+        """``"4,9,10,13>24"`` (the prompt) or ``"4 9 10 13 -> 24"``."""
+        m = re.fullmatch(r"\s*([\d,\s]+?)\s*(?:->|>)\s*(\d+)\s*", text)
+        if not m:
+            raise ProblemError(f'{where}: {text!r} is not a problem; write the numbers and the target as '
+                               f'"4 9 10 13 -> 24", "4,9,10,13>24" or {self._example()}')
+        numbers = [int(v) for v in re.split(r"[,\s]+", m.group(1).strip())]
+        return self.validate_problem({"numbers": numbers, "target": int(m.group(2))}, where=where)
+
+    @property
+    def tool_trigger(self) -> int | None:
+        return tok.EQUALS if self.tool else None
+
+    def tool_written(self, steps):
+        """With the calculator: the tokens after a step's ``=`` (PAD excluded)."""
+        if self.tool is None:
+            return super().tool_written(steps)
+        seen = jnp.cumsum(steps == tok.EQUALS, axis=-1) > 0
+        return seen & (steps != tok.EQUALS) & (steps != tok.PAD)
 
     def tool_mask(self, text: str) -> np.ndarray:
         """With the calculator: True on the characters after each line's first ``=``, newline included."""

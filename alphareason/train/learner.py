@@ -26,22 +26,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from alphareason import tokenizer as tok
-from alphareason.search.env import NEG_INF, after_equals, first_duplicates
+from alphareason.search.env import NEG_INF, first_duplicates, score_candidates
 from alphareason.train.losses import sft_loss
 
 VALUE_TARGETS = ("outcome", "search_q")
 POLICY_TARGETS = ("softmax", "likelihood")
 
 
-def candidate_logits(model, tokens, length, candidates, mask, *, tool: bool, length_normalize: bool):
+def candidate_logits(model, task, tokens, length, candidates, mask, *, length_normalize: bool):
     """Prior logits over candidates under ``model`` (as in the search) and the state's value logit.
 
-    The candidates' log-likelihoods are the same quantity the search's prior
-    uses (``search.env``), computed in one parallel pass over ``prefix + K
-    candidates`` (``Transformer.score_continuations``) rather than by
-    sequential cached decoding, which is several times faster to
-    differentiate.
+    The candidates' log-likelihoods are the quantity the search's prior uses,
+    from the project's one candidate scorer (``search.env.score_candidates``).
 
     Args:
       tokens: int32[B, T], length: int32[B]: the states.
@@ -50,20 +46,14 @@ def candidate_logits(model, tokens, length, candidates, mask, *, tool: bool, len
     Returns:
       (logits float32[B, K] with masked entries at NEG_INF, value_logits float32[B]).
     """
-    B, K, S = candidates.shape
-    token_logits, value_logits = model.score_continuations(tokens, length, candidates)  # [B, K, S, V]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(token_logits.astype(jnp.float32), -1),
-                               candidates[..., None], -1)[..., 0]  # [B, K, S]
-    tool_mask = after_equals(candidates.reshape(B * K, S)).reshape(B, K, S) if tool else jnp.zeros_like(candidates, bool)
-    scored = (candidates != tok.PAD) & ~tool_mask  # model-written tokens
-    logprob = jnp.sum(jnp.where(scored, logp, 0.0), -1)
+    logprob, num_scored, value_logits = score_candidates(model, task, tokens, length, candidates)
     if length_normalize:
-        logprob = logprob / jnp.maximum(jnp.sum(scored, -1), 1)
+        logprob = logprob / jnp.maximum(num_scored, 1)
     return jnp.where(mask, logprob, NEG_INF), value_logits
 
 
-def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, value_weight: float = 1.0,
-                  sft_weight: float = 0.0, value_target: str = "outcome", tool: bool = False,
+def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 1.0, value_weight: float = 1.0,
+                  sft_weight: float = 0.0, value_target: str = "outcome",
                   length_normalize: bool = False, policy_target: str = "softmax"):
     """Total loss and metrics for one learner batch.
 
@@ -84,8 +74,8 @@ def selfplay_loss(model, batch: dict[str, Any], *, policy_weight: float = 1.0, v
         # policy learns to avoid invalid steps instead of leaking probability
         # to them. Only repeated candidates are left out (they would count twice).
         distinct = ~first_duplicates(batch["candidates"])
-        logits, value_logits = candidate_logits(model, batch["tokens"], batch["length"], batch["candidates"],
-                                                distinct, tool=tool, length_normalize=length_normalize)
+        logits, value_logits = candidate_logits(model, task, batch["tokens"], batch["length"], batch["candidates"],
+                                                distinct, length_normalize=length_normalize)
         weights = batch["action_weights"] * batch["cand_valid"]
         has_target = jnp.sum(weights, -1) > 0
         target = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-9)

@@ -6,11 +6,13 @@ README's demo) runs:
 1. SFT on demonstrations (``train.steps``; skipped when 0), resumable.
 2. Evaluation of the starting point (iteration 0): policy-only greedy and
    MCTS solve rates on held-out problems.
-3. For each iteration: self-play actors solve freshly generated training
-   problems with search (exploring by sampling moves from the search policy)
-   and write every move into the replay buffer; the learner takes
-   ``learner_steps`` steps on batches drawn from replay; the network is
-   evaluated; a checkpoint (model, optimizer, replay, iteration) is written.
+3. For each iteration, four phases (methods of ``SelfPlayLoop``, each
+   returning its metrics): ``selfplay`` (actors solve freshly generated
+   training problems with search, exploring by sampling moves from the
+   search policy, and write every move into the replay buffer), ``learn``
+   (``learner_steps`` steps on batches drawn from replay), ``evaluate``
+   (held-out solve rates) and ``save`` (a checkpoint of model, optimizer,
+   replay and iteration).
 
 Every random choice of an iteration is derived from ``(seed, iteration,
 phase)``, and checkpoints are written only at iteration boundaries, so a run
@@ -28,54 +30,37 @@ Algorithms (``selfplay.algorithm``), all under the same compute accounting:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alphareason import tokenizer as tok
+from alphareason.checkpoint import Checkpointer, restore_into, snapshot
 from alphareason.config import ConfigDict, ConfigError
-from alphareason.data import BatchIterator, build_dataset, collate, encode_example
+from alphareason.data import BatchIterator, collate, encode_example
+from alphareason.eval.heldout import EvalSettings, Evaluator
 from alphareason.model import count_params
 from alphareason.parallel import make_mesh, replicate, shard_batch
-from alphareason.search.env import EnvConfig
+from alphareason.run import (checkpoint_dir, dataset, env_config, make_model_config, make_optimizer, make_task,
+                             search_config, split_problems, traces)
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
-from alphareason.search.evaluate import EvalSettings, Evaluator
-from alphareason.search.mcts import SearchConfig, Searcher
+from alphareason.search.mcts import Searcher
 from alphareason.tasks import Task
-from alphareason.train.checkpoint import Checkpointer
-from alphareason.train.learner import VALUE_TARGETS, selfplay_loss
+from alphareason.train.learner import POLICY_TARGETS, VALUE_TARGETS, selfplay_loss
 from alphareason.train.metrics import MetricsWriter, read_metrics
 from alphareason.train.progress import Progress
 from alphareason.train.replay import ReplayBuffer
-from alphareason.train.sft import (TrainingDiverged, data_dir, make_data_spec, make_model_config, make_optimizer,
-                                   make_task, restore_into, snapshot, split_problems, train_sft)
+from alphareason.train.sft import TrainingDiverged, train_sft
 
 ALGORITHMS = ("alphazero", "expert_iteration", "sft_only")
 
 
 # ------------------------------------------------------------------ config
-def env_config(config: ConfigDict) -> EnvConfig:
-    s = config.search
-    return EnvConfig(num_candidates=s.num_candidates, candidates=s.candidates, temperature=s.candidate_temperature,
-                     length_normalize=s.length_normalize)
-
-
-def search_config(config: ConfigDict, *, num_simulations: int | None = None, policy: str | None = None) -> SearchConfig:
-    """The config's ``search`` section as a ``SearchConfig`` (configs of older runs lack the newer keys)."""
-    s = config.search
-    return SearchConfig(policy=policy or s.policy, num_simulations=num_simulations or s.num_simulations,
-                        max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
-                        value_scale=s.get("value_scale", SearchConfig.value_scale),
-                        rescale_values=s.get("rescale_values", SearchConfig.rescale_values),
-                        pb_c_init=s.pb_c_init, dirichlet_alpha=s.dirichlet_alpha,
-                        dirichlet_fraction=s.dirichlet_fraction, max_depth=s.get("max_depth", 0) or None)
-
-
 def validate_config(config: ConfigDict, task: Task) -> None:
     """Refuses inconsistent configs before any work starts."""
     sp = config.selfplay
@@ -98,16 +83,11 @@ def validate_config(config: ConfigDict, task: Task) -> None:
                               f"use a multiple of {devices}")
     if config.search.num_candidates < 1 or config.search.num_simulations < 1:
         raise ConfigError("search.num_candidates and search.num_simulations must be >= 1")
-    mcfg = make_model_config(config, task)  # raises if the context is too short for the task
-    needed = task.max_prompt_len + task.max_steps * task.max_step_len
-    if mcfg.max_len < needed:
-        raise ConfigError(f"the model's context ({mcfg.max_len}) cannot hold a prompt and {task.max_steps} "
-                          f"candidate steps of {task.max_step_len} tokens ({needed}); raise model.max_len")
-    try:
-        search_config(config)  # validates the policy name and the numbers
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    depth = config.search.get("max_depth", 0)
+    if sp.policy_target not in POLICY_TARGETS:
+        raise ConfigError(f"selfplay.policy_target={sp.policy_target!r}; choose one of {', '.join(POLICY_TARGETS)}")
+    make_model_config(config, task)  # raises if the context is too short for the task
+    search_config(config)  # validates the policy name and the numbers
+    depth = config.search.max_depth
     if depth and depth < task.min_steps:
         raise ConfigError(f"search.max_depth={depth} is below the {task.min_steps} steps every solution of task "
                           f"{task.name} takes: the search could never see a reward; raise it or set 0 (no limit)")
@@ -120,7 +100,7 @@ def selfplay_problems(task: Task, config: ConfigDict, iteration: int, exclude: l
     """Fresh training problems for one iteration (never a held-out one); curriculum optional."""
     sp = config.selfplay
     difficulty = None
-    if sp.get("curriculum", False) and task.num_difficulties > 1:
+    if sp.curriculum and task.num_difficulties > 1:
         difficulty = min(task.num_difficulties - 1, iteration * task.num_difficulties // max(sp.iterations, 1))
     return task.generate(config.seed * 1_000 + 17 + iteration, sp.episodes_per_iteration,
                          difficulty=difficulty, exclude=exclude)
@@ -129,7 +109,6 @@ def selfplay_problems(task: Task, config: ConfigDict, iteration: int, exclude: l
 def sft_batch_from_trajectories(task: Task, traj: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Solved trajectories (token sequences) -> an SFT batch, encoded exactly as demonstrations are
     (``data.encode_example``: targets after the prompt, tool-written characters masked, EOS at the end)."""
-    from alphareason import tokenizer as tok
     seq_len = traj["tokens"].shape[1]
     examples = []
     for tokens, prompt_length, length in zip(traj["tokens"], traj["prompt_length"], traj["length"]):
@@ -151,9 +130,9 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task) -> Callable:
 
         def objective(m):
             return selfplay_loss(m, batch, policy_weight=weights[0], value_weight=weights[1],
-                                 sft_weight=weights[2], value_target=sp.value_target,
-                                 tool=task.tool is not None, length_normalize=config.search.length_normalize,
-                                 policy_target=sp.get("policy_target", "softmax"))
+                                 sft_weight=weights[2], value_target=sp.value_target, task=task,
+                                 length_normalize=config.search.length_normalize,
+                                 policy_target=sp.policy_target)
 
         (_, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -176,171 +155,220 @@ def calibration(values: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> dic
 
 
 # ---------------------------------------------------------------- the loop
-def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log: Callable[[str], None] = print,
-                 stop_after_iterations: int | None = None,
-                 interrupt: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Runs or resumes the whole job; returns the per-iteration table rows.
+@dataclasses.dataclass
+class IterationState:
+    """What the loop carries from one iteration to the next (and what a checkpoint restores)."""
 
-    ``interrupt(phase, iteration)`` (tests) is called when a phase starts and
-    after every actor batch ("selfplay") and learner step ("learn"); it may
-    raise to simulate a kill there. ``stop_after_iterations`` ends the call
-    early.
+    state: Any  # nnx.State of (model, optimizer)
+    replay: ReplayBuffer
+    iteration: int = 0  # iterations completed
+    totals: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"selfplay_token_forwards": 0, "learner_examples": 0})
+
+
+class SelfPlayLoop:
+    """The self-play iterations after SFT: ``selfplay``, ``learn``, ``evaluate`` and ``save`` phases.
+
+    Built from a config, a work directory and the SFT model; ``run(end)``
+    resumes from the newest self-play checkpoint and runs iterations up to
+    ``end``. Each phase is a method that returns its metrics, so a notebook
+    can drive the loop one phase at a time.
+    """
+
+    def __init__(self, config: ConfigDict, workdir: str, model, task: Task, *, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        sp = config.selfplay
+        self.config, self.workdir, self.task, self.progress, self.log = config, workdir, task, progress, log
+        self.seq_len = model.config.max_len
+        optimizer = make_optimizer(model, learning_rate=sp.learning_rate,
+                                   steps=max(sp.iterations * sp.learner_steps, 2),
+                                   warmup_steps=min(50, sp.learner_steps), weight_decay=config.train.weight_decay,
+                                   grad_clip=config.train.grad_clip)
+        self.graphdef, state = nnx.split((model, optimizer))
+        searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config), seq_len=self.seq_len)
+        replay = ReplayBuffer(sp.replay_capacity, seq_len=self.seq_len, num_candidates=searcher.num_candidates,
+                              step_len=task.max_step_len)
+        self.ckpt = Checkpointer(checkpoint_dir(workdir, "selfplay"))
+        self.writer = MetricsWriter(workdir)
+        self.it = IterationState(state=state, replay=replay)
+        if self.ckpt.latest_step() is not None:
+            self._restore()
+        self.mesh = make_mesh()  # learner batches split over the data axis; parameters replicated
+        self.it.state = replicate(self.it.state, self.mesh)
+        validation = split_problems(config, workdir, "validation")
+        self.eval_problems = validation[: config.eval.num_problems]
+        self.exclude = validation + split_problems(config, workdir, "test")  # never self-play on held-out problems
+        batch = min(config.eval.batch_size, len(self.eval_problems))
+        search = search_config(config, num_simulations=sp.eval_simulations)
+        self.evaluators = {
+            "greedy": Evaluator(model, task, EvalSettings(strategy="greedy", batch_size=batch, env=env_config(config),
+                                                          search=search, traces=traces(config))),
+            "mcts": Evaluator(model, task, EvalSettings(strategy="mcts", batch_size=batch, env=env_config(config),
+                                                        search=search))}
+        self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
+                                      place=lambda tree: shard_batch(tree, self.mesh))  # problems over the data axis
+        self.learner_step = make_learner_step(self.graphdef, config, task)
+        self.demonstrations = (dataset(config, workdir, task).as_data_source(split="train")
+                               if sp.algorithm == "sft_only" else None)
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def model(self):
+        return nnx.merge(self.graphdef, self.it.state)[0]
+
+    def _restore(self) -> None:
+        items, meta = self.ckpt.restore_items({"state": snapshot(self.it.state),
+                                               "replay": self.it.replay.state_dict()})
+        self.it.state = restore_into(self.it.state, items["state"])
+        self.it.replay.load_state_dict(items["replay"])
+        self.it.iteration, self.it.totals = int(meta["iteration"]), dict(meta["totals"])
+        done = self.it.iteration
+        self.writer.truncate_after(lambda r: r.get("phase") not in ("selfplay", "eval") or r["step"] <= done)
+        self.log(f"resumed self-play after iteration {done} ({self.ckpt.directory})")
+
+    # ------------------------------------------------------------- phases
+    def selfplay(self, it: int) -> dict[str, Any]:
+        """Plays ``episodes_per_iteration`` episodes on fresh training problems into the replay buffer."""
+        config, sp, task = self.config, self.config.selfplay, self.task
+        if sp.algorithm == "sft_only":
+            return {}
+        t0 = time.time()
+        problems = selfplay_problems(task, config, it, self.exclude)
+        params = nnx.state(self.model)
+        bar = Progress(total=len(problems), desc=f"iter {it}/{sp.iterations} self-play", enabled=self.progress,
+                       unit="episode")
+        solved, net_values, outcomes, forwards = [], [], [], 0
+        key = jax.random.key(config.seed * 7919 + it)
+        B = sp.actor_batch_size
+        for start in range(0, len(problems), B):
+            chunk = problems[start: start + B]
+            batch = self.play_batch(params, chunk, jax.random.fold_in(key, start), start)
+            self.it.replay.add_episodes(batch, prompt_lengths=prompt_lengths(task, batch.problems))
+            solved.extend(batch.solved.tolist())
+            forwards += int(batch.token_forwards.sum())
+            if batch.moves:
+                net_values.extend(batch.moves[0].network_value[: len(chunk)].tolist())
+                outcomes.extend(batch.solved.astype(np.float32).tolist())
+            bar.update(len(chunk))
+            bar.set_postfix(solved=f"{np.mean(solved):.1%}")
+        bar.close()
+        self.it.totals["selfplay_token_forwards"] += forwards
+        seconds = time.time() - t0
+        return {"selfplay_solve_rate": float(np.mean(solved)), "selfplay_episodes": len(problems),
+                "replay_size": self.it.replay.size, "replay_trajectories": self.it.replay.num_trajectories,
+                **calibration(np.asarray(net_values), np.asarray(outcomes)),
+                "selfplay_seconds": seconds, "episodes_per_s": len(problems) / max(seconds, 1e-9)}
+
+    def play_batch(self, params, problems: list[dict], key, first_id: int):
+        """One actor batch: episodes for ``problems`` (padded to ``actor_batch_size``), padding dropped."""
+        B = self.config.selfplay.actor_batch_size
+        padded = problems + [problems[0]] * (B - len(problems))
+        batch = self.episodes.run(params, padded, key, problem_ids=np.arange(first_id, first_id + B))
+        return _truncate(batch, len(problems))
+
+    def learn(self, it: int) -> dict[str, Any]:
+        """``learner_steps`` steps on batches from the replay buffer (or demonstrations: ``sft_only``)."""
+        config, sp = self.config, self.config.selfplay
+        t0 = time.time()
+        rng = np.random.default_rng([config.seed, it, 1])
+        bar = Progress(total=sp.learner_steps, desc=f"iter {it}/{sp.iterations} learning", enabled=self.progress)
+        demo_iter = None
+        if self.demonstrations is not None:
+            demo_iter = BatchIterator(self.demonstrations, self.task, batch_size=sp.learner_batch_size,
+                                      seq_len=self.seq_len, seed=config.seed + it, position=0)
+        pending = []
+        for _ in range(sp.learner_steps):
+            batch = _learner_batch(self.it.replay, rng, sp, self.task, demo_iter)
+            if batch is None:
+                break
+            pending.append(self.learn_step(batch))
+            bar.update(1)
+        bar.close()
+        learn = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]} if pending else {}
+        if learn and not np.isfinite(learn["loss"]):
+            raise TrainingDiverged(
+                f"self-play learner loss became {learn['loss']} in iteration {it}; the checkpoint after "
+                f"iteration {it - 1} is kept. Lower --config.selfplay.learning_rate and rerun to resume.")
+        self.it.totals["learner_examples"] += len(pending) * sp.learner_batch_size
+        seconds = time.time() - t0
+        return {**{f"learn_{k}": v for k, v in learn.items()}, "learn_seconds": seconds,
+                "learner_steps_per_s": len(pending) / max(seconds, 1e-9)}
+
+    def learn_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One jitted learner step on a host batch (sharded over the mesh's data axis); returns its metrics."""
+        self.it.state, metrics = self.learner_step(self.it.state, shard_batch(batch, self.mesh))
+        return metrics
+
+    def evaluate(self, it: int) -> dict[str, Any]:
+        """Held-out solve rates, policy only (greedy) and with MCTS; written as the ``eval`` record of ``it``."""
+        t0 = time.time()
+        model = self.model
+        key = jax.random.key(self.config.seed + 99)
+        out = {}
+        for name, evaluator in self.evaluators.items():
+            evaluator.set_params(model)
+            out[name] = evaluator.run(self.eval_problems, key)
+        values = {"greedy_solve_rate": float(np.mean([r["solved"] for r in out["greedy"]])),
+                  "mcts_solve_rate": float(np.mean([r["solved"] for r in out["mcts"]])),
+                  "mcts_token_forwards_per_problem": float(np.mean([r["token_forwards"] for r in out["mcts"]])),
+                  "eval_seconds": time.time() - t0, **self.it.totals}
+        return self.writer.write(it, "eval", values)
+
+    def save(self, it: int) -> dict[str, Any]:
+        """Checkpoints the iteration (model, optimizer, replay, totals): a rerun resumes after it."""
+        t0 = time.time()
+        self.ckpt.save(it, snapshot(self.it.state), {"iteration": it, "phase": "selfplay", "totals": self.it.totals,
+                                                     "step": it}, replay=self.it.replay.state_dict())
+        self.it.iteration = it
+        return {"checkpoint_seconds": time.time() - t0}
+
+    # ---------------------------------------------------------------- run
+    def run(self, end: int) -> None:
+        """Evaluates the starting point once, then runs iterations ``iteration + 1 .. end``."""
+        sp = self.config.selfplay
+        if self.it.iteration == 0 and not read_metrics(self.workdir, "eval"):
+            row = self.evaluate(0)
+            self.log(f"iteration 0 (SFT start): greedy {row['greedy_solve_rate']:.1%}, "
+                     f"MCTS@{sp.eval_simulations} {row['mcts_solve_rate']:.1%}")
+        while self.it.iteration < end:
+            it = self.it.iteration + 1
+            played = self.selfplay(it)
+            learned = self.learn(it)
+            self.writer.write(it, "selfplay", {**played, **learned})
+            row = self.evaluate(it)
+            self.writer.write(it, "timing", self.save(it))
+            self.log(f"iteration {it}: greedy {row['greedy_solve_rate']:.1%}, MCTS@{sp.eval_simulations} "
+                     f"{row['mcts_solve_rate']:.1%}"
+                     + (f", self-play solved {played['selfplay_solve_rate']:.1%}" if played else ""))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log: Callable[[str], None] = print,
+                 stop_after_iterations: int | None = None) -> dict[str, Any]:
+    """Runs or resumes the whole job (SFT, then self-play); returns the per-iteration table rows.
+
+    ``stop_after_iterations`` ends the call after that many iterations.
     """
     workdir = os.path.abspath(workdir)
     task = make_task(config)
     validate_config(config, task)
     t_start = time.time()
     sft = train_sft(config, workdir, progress=progress, log=log)
+    loop = SelfPlayLoop(config, workdir, sft.model, task, progress=progress, log=log)
     sp = config.selfplay
-    model = sft.model
-    mcfg = model.config
-    validation = split_problems(config, workdir, "validation")
-    eval_problems = validation[: config.eval.num_problems]
-    exclude = validation + split_problems(config, workdir, "test")  # never self-play on a held-out problem
-
-    optimizer = make_optimizer(model, learning_rate=sp.learning_rate, steps=max(sp.iterations * sp.learner_steps, 2),
-                               warmup_steps=min(50, sp.learner_steps), weight_decay=config.train.weight_decay,
-                               grad_clip=config.train.grad_clip)
-    graphdef, state = nnx.split((model, optimizer))
-    searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config), seq_len=mcfg.max_len)
-    replay = ReplayBuffer(sp.replay_capacity, seq_len=mcfg.max_len, num_candidates=searcher.num_candidates,
-                          step_len=task.max_step_len)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "selfplay"))
-    writer = MetricsWriter(workdir)
-    iteration, totals = 0, {"selfplay_token_forwards": 0, "learner_examples": 0}
-    if ckpt.latest_step() is not None:
-        items, meta = ckpt.restore_items({"state": snapshot(state), "replay": replay.state_dict()})
-        state = restore_into(state, items["state"])
-        replay.load_state_dict(items["replay"])
-        iteration, totals = int(meta["iteration"]), dict(meta["totals"])
-        writer.truncate_after(lambda r: r.get("phase") not in ("selfplay", "eval") or r["step"] <= iteration)
-        log(f"resumed self-play after iteration {iteration} ({ckpt.directory})")
-    mesh = make_mesh()  # learner batches split over the data axis; parameters replicated
-    state = replicate(state, mesh)
-    evaluator = Evaluator(nnx.merge(graphdef, state)[0], task, EvalSettings(
-        strategy="greedy", batch_size=min(config.eval.batch_size, len(eval_problems)), env=env_config(config),
-        search=search_config(config, num_simulations=sp.eval_simulations),
-        traces=config.data.demonstrations == "traces"))
-    mcts_evaluator = Evaluator(nnx.merge(graphdef, state)[0], task, EvalSettings(
-        strategy="mcts", batch_size=min(config.eval.batch_size, len(eval_problems)), env=env_config(config),
-        search=search_config(config, num_simulations=sp.eval_simulations)))
-
-    def evaluate(it: int) -> dict[str, Any]:
-        model_now = nnx.merge(graphdef, state)[0]
-        t0 = time.time()
-        evaluator.set_params(model_now)
-        mcts_evaluator.set_params(model_now)
-        key = jax.random.key(config.seed + 99)
-        greedy = evaluator.run(eval_problems, key)
-        mcts = mcts_evaluator.run(eval_problems, key)
-        values = {"greedy_solve_rate": float(np.mean([r["solved"] for r in greedy])),
-                  "mcts_solve_rate": float(np.mean([r["solved"] for r in mcts])),
-                  "mcts_token_forwards_per_problem": float(np.mean([r["token_forwards"] for r in mcts])),
-                  "eval_seconds": time.time() - t0, **totals}
-        return writer.write(it, "eval", values)
-
-    if iteration == 0 and not read_metrics(workdir, "eval"):
-        row = evaluate(0)
-        log(f"iteration 0 (SFT start): greedy {row['greedy_solve_rate']:.1%}, "
-            f"MCTS@{sp.eval_simulations} {row['mcts_solve_rate']:.1%}")
-    learner_step = make_learner_step(graphdef, config, task)
-    demo_batches = None
-    if sp.algorithm == "sft_only":
-        builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
-        demo_batches = builder.as_data_source(split="train")
-
-    runner = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
-                           place=lambda tree: shard_batch(tree, mesh))  # problems split over the data axis
-    end = sp.iterations if stop_after_iterations is None else min(sp.iterations, iteration + stop_after_iterations)
-    while iteration < end:
-        it = iteration + 1
-        timings = {}
-        # ---------------------------------------------------------- self-play
-        t0 = time.time()
-        sp_metrics: dict[str, Any] = {}
-        if interrupt:
-            interrupt("selfplay", it)
-        if sp.algorithm != "sft_only":
-            problems = selfplay_problems(task, config, it, exclude)
-            params = nnx.state(nnx.merge(graphdef, state)[0])
-            bar = Progress(total=len(problems), desc=f"iter {it}/{sp.iterations} self-play", enabled=progress,
-                           unit="episode")
-            solved, net_values, outcomes, forwards = [], [], [], 0
-            key = jax.random.key(config.seed * 7919 + it)
-            B = sp.actor_batch_size
-            for start in range(0, len(problems), B):
-                chunk = problems[start: start + B]
-                padded = chunk + [chunk[0]] * (B - len(chunk))
-                batch = runner.run(params, padded, jax.random.fold_in(key, start),
-                                   problem_ids=np.arange(start, start + B))
-                batch = _truncate(batch, len(chunk))
-                replay.add_episodes(batch, prompt_lengths=prompt_lengths(task, batch.problems))
-                solved.extend(batch.solved.tolist())
-                forwards += int(batch.token_forwards.sum())
-                if batch.moves:
-                    first = batch.moves[0]
-                    net_values.extend(first.network_value[: len(chunk)].tolist())
-                    outcomes.extend(batch.solved.astype(np.float32).tolist())
-                bar.update(len(chunk))
-                bar.set_postfix(solved=f"{np.mean(solved):.1%}")
-                if interrupt:
-                    interrupt("selfplay", it)
-            bar.close()
-            totals["selfplay_token_forwards"] += forwards
-            sp_metrics = {"selfplay_solve_rate": float(np.mean(solved)), "selfplay_episodes": len(problems),
-                          "replay_size": replay.size, "replay_trajectories": replay.num_trajectories,
-                          **calibration(np.asarray(net_values), np.asarray(outcomes))}
-        timings["selfplay_seconds"] = time.time() - t0
-        # ----------------------------------------------------------- learning
-        t0 = time.time()
-        if interrupt:
-            interrupt("learn", it)
-        rng = np.random.default_rng([config.seed, it, 1])
-        bar = Progress(total=sp.learner_steps, desc=f"iter {it}/{sp.iterations} learning", enabled=progress)
-        pending = []
-        demo_iter = None
-        if demo_batches is not None:
-            demo_iter = BatchIterator(demo_batches, task, batch_size=sp.learner_batch_size, seq_len=mcfg.max_len,
-                                      seed=config.seed + it, position=0)
-        for _ in range(sp.learner_steps):
-            batch = _learner_batch(replay, rng, sp, task, demo_iter, mcfg.max_len)
-            if batch is None:
-                break
-            state, metrics = learner_step(state, shard_batch(batch, mesh))
-            pending.append(metrics)
-            bar.update(1)
-            if interrupt:
-                interrupt("learn", it)
-        bar.close()
-        learn = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]} if pending else {}
-        if learn and not np.isfinite(learn["loss"]):
-            raise TrainingDiverged(
-                f"self-play learner loss became {learn['loss']} in iteration {it}; the checkpoint after "
-                f"iteration {iteration} is kept. Lower --config.selfplay.learning_rate and rerun to resume.")
-        totals["learner_examples"] += len(pending) * sp.learner_batch_size
-        timings["learn_seconds"] = time.time() - t0
-        timings["learner_steps_per_s"] = len(pending) / max(timings["learn_seconds"], 1e-9)
-        if sp_metrics:
-            timings["episodes_per_s"] = sp_metrics["selfplay_episodes"] / max(timings["selfplay_seconds"], 1e-9)
-        writer.write(it, "selfplay", {**sp_metrics, **{f"learn_{k}": v for k, v in learn.items()}, **timings})
-        # --------------------------------------------------------- evaluation
-        row = evaluate(it)
-        # --------------------------------------------------------- checkpoint
-        t0 = time.time()
-        if interrupt:
-            interrupt("checkpoint", it)
-        ckpt.save(it, snapshot(state), {"iteration": it, "phase": "selfplay", "totals": totals,
-                                        "step": it}, replay=replay.state_dict())
-        writer.write(it, "timing", {"checkpoint_seconds": time.time() - t0})
-        iteration = it
-        log(f"iteration {it}: greedy {row['greedy_solve_rate']:.1%}, MCTS@{sp.eval_simulations} "
-            f"{row['mcts_solve_rate']:.1%}"
-            + (f", self-play solved {sp_metrics['selfplay_solve_rate']:.1%}" if sp_metrics else ""))
-    writer.close()
+    end = sp.iterations if stop_after_iterations is None else min(sp.iterations,
+                                                                  loop.it.iteration + stop_after_iterations)
+    try:
+        loop.run(end)
+    finally:
+        loop.close()
     rows = read_metrics(workdir, "eval")
     log("")
     log(format_iterations(rows, config, time.time() - t_start))
-    return {"iterations": rows, "parameters": count_params(model)}
+    return {"iterations": rows, "parameters": count_params(sft.model)}
+
 
 
 def _truncate(batch, n: int):
@@ -352,7 +380,7 @@ def _truncate(batch, n: int):
                       num_steps=batch.num_steps[:n])
 
 
-def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter, seq_len):
+def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
     if sp.algorithm == "sft_only":
         return {"sft": next(demo_iter)}
     batch: dict[str, Any] = {}

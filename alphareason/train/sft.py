@@ -15,19 +15,19 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from alphareason.checkpoint import Checkpointer, restore_into, snapshot
 from alphareason.config import ConfigDict, ConfigError
-from alphareason.data import BatchIterator, DataSpec, build_dataset, make_spec
-from alphareason.model import ModelConfig, Transformer, count_params
-from alphareason.tasks import Task, get_task, read_problems
-from alphareason.train.checkpoint import Checkpointer
+from alphareason.data import BatchIterator
+from alphareason.model import Transformer, count_params
+from alphareason.run import checkpoint_dir, dataset, make_data_spec, make_model_config, make_optimizer, make_task
+from alphareason.tasks import Task
 from alphareason.train.losses import sft_loss
 from alphareason.train.metrics import MetricsWriter
 from alphareason.train.progress import Progress
@@ -38,78 +38,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # --------------------------------------------------------------------- set-up
-def make_task(config: ConfigDict) -> Task:
-    options = dict(config.task.options.to_dict() if hasattr(config.task.options, "to_dict") else config.task.options)
-    try:
-        return get_task(config.task.name, **options)
-    except ValueError as e:
-        raise ConfigError(f"task config: {e}") from e
-
-
-def sequence_length(config: ConfigDict, task: Task) -> int:
-    """The model's context T: by default the tokens of the longest chain of
-    thought (BOS+prompt, the steps, EOS).
-
-    A search trace's bound (``max_trace_steps`` steps of the longest step
-    each) is far above the traces' real lengths (Countdown-4: 1,234 against
-    at most about 530), so for traces ``model.max_len`` may be set below it,
-    down to what a shortest solution needs: longer traces are then cut to the
-    context, in the data and when the model writes one (a context budget, as
-    Stream of Search's 4,096 tokens).
-    """
-    needed = task.max_prompt_len + task.max_steps * task.max_step_len + 1
-    bound = needed
-    if config.data.demonstrations == "traces":
-        bound = task.max_prompt_len + getattr(task, "max_trace_steps", 4 * task.max_steps) * task.max_step_len + 1
-    if config.model.max_len and config.model.max_len < needed:
-        raise ConfigError(f"model.max_len={config.model.max_len} is shorter than the {needed} tokens a "
-                          f"chain of thought of this task can take; raise it or set it to 0 (automatic)")
-    return int(config.model.max_len or bound)
-
-
-def make_model_config(config: ConfigDict, task: Task) -> ModelConfig:
-    m = config.model
-    if m.d_model % m.num_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
-    if m.compute_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}; choose 'float32' or 'bfloat16'")
-    return ModelConfig(max_len=sequence_length(config, task), d_model=m.d_model, num_layers=m.num_layers,
-                       num_heads=m.num_heads, d_ff=m.d_ff, positions=m.positions, compute_dtype=m.compute_dtype)
-
-
-def make_data_spec(config: ConfigDict) -> DataSpec:
-    d = config.data
-    exclude: tuple[str, ...] = ()
-    if d.exclude_file:
-        task = make_task(config)
-        exclude = tuple(json.dumps(p, sort_keys=True) for p in read_problems(d.exclude_file, task))
-    options = config.task.options.to_dict() if hasattr(config.task.options, "to_dict") else dict(config.task.options)
-    return make_spec(config.task.name, options, train_size=d.train_size, validation_size=d.validation_size,
-                     test_size=d.test_size, seed=config.seed, demonstrations=d.demonstrations,
-                     negatives_per_problem=d.negatives_per_problem, exclude=exclude,
-                     max_chain_len=sequence_length(config, make_task(config)) if d.demonstrations == "traces" else 0)
-
-
-def data_dir(config: ConfigDict, workdir: str) -> str:
-    return config.data.data_dir or os.path.join(workdir, "data")
-
-
-def split_problems(config: ConfigDict, workdir: str, split: str) -> list[dict]:
-    """Every problem of one split (``train``, ``validation``, ``test``) of the run's dataset."""
-    from alphareason.data import load_records
-    builder = build_dataset(make_data_spec(config), data_dir(config, workdir))
-    return [r["problem"] for r in load_records(builder.as_data_source(split=split))]
-
-
-def make_optimizer(model: nnx.Module, *, learning_rate: float, steps: int, warmup_steps: int,
-                   weight_decay: float, grad_clip: float) -> nnx.Optimizer:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=min(warmup_steps, max(steps - 1, 1)),
-        decay_steps=max(steps, 2), end_value=learning_rate * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-
 def check_workdir_config(workdir: str, config: ConfigDict, sections=("task", "model", "data")) -> None:
     """Refuses to resume a workdir created with an incompatible config."""
     path = os.path.join(workdir, "config.json")
@@ -149,16 +77,6 @@ def make_train_step(graphdef, *, policy_weight: float, value_weight: float,
     return jax.jit(step, donate_argnums=0)
 
 
-def snapshot(state) -> dict:
-    """The split (model, optimizer) state as a pure dict of arrays (for orbax)."""
-    return nnx.to_pure_dict(state)
-
-
-def restore_into(state, pure: dict):
-    nnx.replace_by_pure_dict(state, pure)
-    return state
-
-
 @dataclasses.dataclass
 class SFTResult:
     model: Transformer
@@ -179,17 +97,16 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     tcfg = config.train
     if tcfg.steps < 0 or tcfg.batch_size <= 0:
         raise ConfigError(f"train.steps must be >= 0 and train.batch_size > 0 (got {tcfg.steps}, {tcfg.batch_size})")
-    imitate_unsolved = bool(tcfg.get("imitate_unsolved", False))
+    imitate_unsolved = tcfg.imitate_unsolved
     if imitate_unsolved and (config.data.demonstrations != "traces" or config.data.negatives_per_problem):
         raise ConfigError("train.imitate_unsolved=True imitates every training record, so it needs "
                           "data.demonstrations=traces and data.negatives_per_problem=0 (random-walk "
                           "negatives must not be imitated; the unsolved traces train the value head)")
     mcfg = make_model_config(config, task)
     check_workdir_config(workdir, config)
-    spec = make_data_spec(config)
+    spec = make_data_spec(config, task)
     t0 = time.time()
-    builder = build_dataset(spec, data_dir(config, workdir))
-    source = builder.as_data_source(split="train")
+    source = dataset(config, workdir, task).as_data_source(split="train")
     log(f"data: {len(source)} training examples ({spec.config_name()}), ready in {time.time() - t0:.1f}s")
 
     model = Transformer(mcfg, rngs=nnx.Rngs(config.seed))
@@ -197,7 +114,7 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
                                warmup_steps=tcfg.warmup_steps, weight_decay=tcfg.weight_decay,
                                grad_clip=tcfg.grad_clip)
     graphdef, state = nnx.split((model, optimizer))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "sft"))
+    ckpt = Checkpointer(checkpoint_dir(workdir, "sft"))
     metrics_writer = MetricsWriter(workdir)
     step, position = 0, 0
     if ckpt.latest_step() is not None:
@@ -246,27 +163,3 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     metrics_writer.close()
     model, optimizer = nnx.merge(graphdef, state)
     return SFTResult(model=model, task=task, steps=step, last_metrics=last)
-
-
-def load_model(config: ConfigDict, workdir: str, *, phase: str | None = None) -> tuple[Transformer, Task, dict]:
-    """The newest trained model in ``workdir``: self-play if present, else SFT.
-
-    Checkpoints hold the split ``(model, optimizer)`` state; the optimizer is
-    rebuilt with the same structure and dropped after the restore.
-    """
-    from alphareason.train.checkpoint import CheckpointError
-    task = make_task(config)
-    mcfg = make_model_config(config, task)
-    for name in ([phase] if phase else ["selfplay", "sft"]):
-        directory = os.path.join(workdir, "checkpoints", name)
-        if not os.path.isdir(directory) or Checkpointer(directory).latest_step() is None:
-            continue
-        model = Transformer(mcfg, rngs=nnx.Rngs(0))
-        optimizer = make_optimizer(model, learning_rate=1.0, steps=2, warmup_steps=1, weight_decay=0.0, grad_clip=1.0)
-        graphdef, state = nnx.split((model, optimizer))
-        ckpt = Checkpointer(directory)
-        pure, meta = ckpt.restore(snapshot(state))
-        model, _ = nnx.merge(graphdef, restore_into(state, pure))
-        return model, task, meta
-    raise CheckpointError(f"no checkpoint under {os.path.join(os.path.abspath(workdir), 'checkpoints')}; run "
-                          f"`alphareason train --config ... --workdir {workdir}` first")

@@ -1,12 +1,21 @@
 """Evaluation of a model on problems with one strategy; results rows and a summary table.
 
-Strategies here (the test-time-compute study adds more in ``strategies``):
+This is what ``alphareason eval`` and the training loop's evaluation run;
+the test-time-compute study's strategies under a budget are in
+``eval.runner``. Both decode with the same chain decoder
+(``search.decode.ChainDecoder``) and play MCTS with the same episode runner.
+
+Strategies here (``HELDOUT_STRATEGIES``):
   * ``greedy``: one chain of thought, argmax at every token;
-  * ``sample``: ``samples`` chains of thought at ``temperature``; the answer
-    is the one the value head ranks highest (no verifier involved); the row
-    also reports ``pass_at_n`` (whether ANY sample is correct: an oracle
-    figure, never used to pick the answer);
+  * ``sample``: ``samples`` chains of thought at ``temperature`` from one
+    prefill of the prompt; the answer is the one the value head ranks
+    highest (no verifier involved); the row also reports ``pass_at_n``
+    (whether ANY sample is correct: an oracle figure, never used to pick the
+    answer);
   * ``mcts``: an episode of search (``num_simulations`` per move).
+
+A problem's key is ``fold_in(key, index)`` (its position in the list), so
+its result does not depend on the batch it was decoded in.
 
 Every row: the problem, the solution text, ``solved`` as judged by the
 task's Python verifier, the verifier's reason, the strategy, the difficulty
@@ -27,13 +36,13 @@ from flax import nnx
 
 from alphareason import tokenizer as tok
 from alphareason.model import flops_per_token
+from alphareason.search.decode import ChainDecoder
 from alphareason.search.env import EnvConfig, ReasoningEnv
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.mcts import SearchConfig, Searcher
-from alphareason.search.rollout import Sampler
 from alphareason.tasks import Problem, Task
 
-STRATEGIES = ("greedy", "sample", "mcts")
+HELDOUT_STRATEGIES = ("greedy", "sample", "mcts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +56,8 @@ class EvalSettings:
     traces: bool = False  # greedy/sample write search traces (dead ends undone with "#"), Stream of Search
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in HELDOUT_STRATEGIES:
+            raise ValueError(f"--strategy {self.strategy!r}: choose one of {', '.join(HELDOUT_STRATEGIES)}")
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
 
@@ -72,18 +81,19 @@ class Evaluator:
         self.seq_len = model.config.max_len
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
         self.env = ReasoningEnv(task, self.graphdef, settings.env, seq_len=self.seq_len)
-        self.sampler = Sampler(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces)
-        self._searcher = None
+        self.decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces)
+        self._episodes: EpisodeRunner | None = None
 
     def set_params(self, model: nnx.Module) -> None:
         self.params = nnx.state(model)
 
     @property
-    def searcher(self) -> Searcher:
-        if self._searcher is None:
-            self._searcher = Searcher(self.task, self.graphdef, self.settings.env, self.settings.search,
-                                      seq_len=self.seq_len)
-        return self._searcher
+    def episodes(self) -> EpisodeRunner:
+        """The MCTS episode runner (built on first use)."""
+        if self._episodes is None:
+            self._episodes = EpisodeRunner(Searcher(self.task, self.graphdef, self.settings.env, self.settings.search,
+                                                    seq_len=self.seq_len))
+        return self._episodes
 
     def run(self, problems: list[Problem], key) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -93,14 +103,13 @@ class Evaluator:
         for start, chunk in _chunks(problems, batch):
             n = len(chunk)
             padded = _pad_batch(chunk, batch)
-            chunk_key = jax.random.fold_in(key, start)
             if s.strategy == "mcts":
-                out = EpisodeRunner(self.searcher).run(self.params, padded, chunk_key, record=False,
-                                                       problem_ids=np.arange(start, start + batch))
+                out = self.episodes.run(self.params, padded, jax.random.fold_in(key, start), record=False,
+                                        problem_ids=np.arange(start, start + batch))
                 texts, forwards = out.texts[:n], out.token_forwards[:n]
                 extra = [{} for _ in range(n)]
             else:
-                texts, forwards, extra = self._decode(padded, chunk_key, n)
+                texts, forwards, extra = self._decode(padded, key, start, n)
             for p, text, f, e in zip(chunk, texts, forwards, extra):
                 verdict = self.task.verify(p, text)
                 rows.append({"problem": p, "solution": text, "solved": verdict.solved, "reason": verdict.reason,
@@ -109,27 +118,27 @@ class Evaluator:
                              "token_forwards": int(f), "flops": float(f) * self.flops_per_token, **e})
         return rows
 
-    def _decode(self, problems: list[Problem], key, n: int):
+    def _decode(self, problems: list[Problem], key, first_id: int, n: int):
         s = self.settings
-        reps = 1 if s.strategy == "greedy" else s.samples
-        rows = [p for p in problems for _ in range(reps)]
-        inputs = jax.tree.map(jax.numpy.asarray, self.env.initial(rows))
-        out = self.sampler(self.params, key, inputs, greedy=s.strategy == "greedy", temperature=s.temperature)
+        lanes = 1 if s.strategy == "greedy" else s.samples
+        inputs = jax.tree.map(jax.numpy.asarray, self.env.initial(problems))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jax.numpy.arange(first_id, first_id + len(problems)))
+        out = self.decoder(self.params, keys, inputs, lanes=lanes, greedy=s.strategy == "greedy",
+                           temperature=s.temperature)
         out = jax.tree.map(np.asarray, out)
-        starts = prompt_lengths(self.task, rows)
-        texts = [tok.decode(out["tokens"][i, starts[i]: out["length"][i]]) for i in range(len(rows))]
-        forwards = out["token_forwards"].reshape(len(problems), reps).sum(-1)
-        if reps == 1:
-            return texts[:n], forwards[:n], [{} for _ in range(n)]
-        values = out["final_value"].reshape(len(problems), reps)
+        starts = prompt_lengths(self.task, problems)
+        texts = [[tok.decode(out["tokens"][b, j, starts[b]: out["length"][b, j]]) for j in range(lanes)]
+                 for b in range(n)]
+        forwards = out["spent"][:n]
+        if lanes == 1:
+            return [t[0] for t in texts], forwards, [{} for _ in range(n)]
         chosen, extra = [], []
-        for i in range(n):
-            group = texts[i * reps: (i + 1) * reps]
-            best = int(np.argmax(values[i]))
-            chosen.append(group[best])
-            any_solved = any(self.task.verify(problems[i], t).solved for t in group)
-            extra.append({"pass_at_n": any_solved, "samples": reps, "value": float(values[i, best])})
-        return chosen, forwards[:n], extra
+        for b in range(n):
+            best = int(np.argmax(out["value"][b]))
+            chosen.append(texts[b][best])
+            any_solved = any(self.task.verify(problems[b], t).solved for t in texts[b])
+            extra.append({"pass_at_n": any_solved, "samples": lanes, "value": float(out["value"][b, best])})
+        return chosen, forwards, extra
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

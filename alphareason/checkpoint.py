@@ -20,6 +20,19 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def snapshot(state) -> dict:
+    """An ``nnx.split`` state (e.g. of ``(model, optimizer)``) as a pure dict of arrays, for orbax."""
+    from flax import nnx
+    return nnx.to_pure_dict(state)
+
+
+def restore_into(state, pure: dict):
+    """Writes a pure dict (``snapshot``'s format) back into an ``nnx`` state; returns the state."""
+    from flax import nnx
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing or cannot be read; the message says where and what to do."""
 
