@@ -6,7 +6,7 @@
   alphareason search --workdir DIR --problem "4 9 10 13 -> 24" [--json tree.json]
   alphareason data build --task countdown --size N [--data-dir DIR]
   alphareason tree tree.json [more.json ...] [--html out.html] [--svg out.svg] [--min-visits N]
-  alphareason bench model|search|selfplay --out FILE.json
+  alphareason bench model|search|selfplay|value --out FILE.json
   alphareason scaling --config configs/scaling_reduced.py --out DIR [--train] [--workdir TASK=DIR]
 
 Errors a user can cause are printed as one clear line (exit status 2), not as
@@ -225,6 +225,13 @@ def cmd_bench(args, overrides) -> int:
     elif args.what == "search":
         from alphareason.bench.search_bench import run_search_bench
         result = run_search_bench(args.out, quick=args.quick, workdir=args.workdir, overrides=overrides)
+    elif args.what == "value":
+        from alphareason.bench.value_bench import format_report, run_value_bench
+        if not args.workdir:
+            raise UsageError("bench value needs --workdir: the trained run whose value head to measure")
+        result = run_value_bench(args.out, workdir=args.workdir, problems=args.problems or 200, overrides=overrides)
+        print(format_report(result))
+        return 0
     else:
         from alphareason.bench.selfplay_bench import run_selfplay_bench
         result = run_selfplay_bench(args.out, overrides=overrides, workdir=args.workdir)
@@ -311,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(fn=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks that write JSON results")
-    b.add_argument("what", choices=["model", "search", "selfplay"])
+    b.add_argument("what", choices=["model", "search", "selfplay", "value"])
+    b.add_argument("--problems", type=int, default=0, help="value: held-out problems to sample states from (200)")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     b.add_argument("--workdir", help="search: time the search with this trained run's model (default: untrained); "

@@ -47,8 +47,12 @@ def default_config() -> ConfigDict:
     c.data.train_size = 20_000
     c.data.validation_size = 200
     c.data.test_size = 200
+    c.data.seed = 0  # the problems (splits, demonstrations); ``seed`` is everything else (init, order, self-play)
     c.data.demonstrations = "solutions"  # or "traces" (Stream of Search)
     c.data.negatives_per_problem = 0.5
+    # The value head's SFT label per state: "chain" (the chain's outcome at every state) or "oracle" (each
+    # state's exact solvability from the task's solver; an oracle, refused for tasks without one).
+    c.data.value_label = "chain"
     c.data.data_dir = ""  # default: <workdir>/data
     c.data.exclude_file = ""  # JSONL of problems never to train on
 
@@ -77,6 +81,9 @@ def default_config() -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.num_problems = 100  # the first problems of the validation split, evaluated after SFT and every iteration
     c.eval.batch_size = 100
+    c.eval.test_problems = 0  # > 0: also greedy on the test split every iteration, per-problem results kept
+    c.eval.value_problems = 100  # value diagnostics (eval.value) on states from this many validation problems
+    c.eval.value_mc_samples = 4  # Monte-Carlo rollouts per state for those diagnostics
 
     c.search = ConfigDict()
     c.search.policy = "gumbel"  # or "puct"

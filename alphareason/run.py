@@ -82,7 +82,7 @@ def make_data_spec(config: ConfigDict, task: Task | None = None) -> DataSpec:
     if d.exclude_file:
         exclude = tuple(json.dumps(p, sort_keys=True) for p in read_problems(d.exclude_file, task))
     return make_spec(config.task.name, task_options(config), train_size=d.train_size,
-                     validation_size=d.validation_size, test_size=d.test_size, seed=config.seed,
+                     validation_size=d.validation_size, test_size=d.test_size, seed=d.seed,
                      demonstrations=d.demonstrations, negatives_per_problem=d.negatives_per_problem,
                      exclude=exclude, max_chain_len=sequence_length(config, task) if traces(config) else 0)
 

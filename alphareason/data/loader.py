@@ -32,8 +32,34 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+VALUE_LABELS = ("chain", "oracle")
+
+
+def state_labels(task: Task, problem: Mapping[str, Any], text: str, solved: bool, value_label: str) -> list[float]:
+    """The value label of every state of a chain: the prompt's end, then the end of each step.
+
+    ``"chain"``: every state gets the chain's outcome (what a Monte-Carlo
+    return from one rollout gives; a random walk through a still-solvable
+    state teaches "unsolvable" there). ``"oracle"``: each state's exact
+    solvability (``Task.solvable_after``, the task's solver: an oracle label).
+    """
+    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    if value_label == "chain":
+        return [float(solved)] * (len(lines) + 1)
+    if value_label != "oracle":
+        raise ValueError(f"data.value_label={value_label!r}; choose one of {', '.join(VALUE_LABELS)}")
+    out = []
+    for d in range(len(lines) + 1):
+        label = task.solvable_after(dict(problem), "".join(x + "\n" for x in lines[:d]))
+        if label is None:
+            raise ValueError(f"data.value_label='oracle' needs an exact solver of partial chains; task "
+                             f"{task.name} has none (use 'chain')")
+        out.append(float(label))
+    return out
+
+
 def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: int, *,
-                   imitate: bool | None = None) -> dict[str, np.ndarray]:
+                   imitate: bool | None = None, value_labels: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """One chain of thought -> arrays of length ``seq_len``.
 
     Returns:
@@ -43,7 +69,9 @@ def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: in
         PAD, tool-written characters, and everywhere for examples not imitated
         (``imitate``, default ``solved``: Stream of Search imitates unsolved
         search traces too).
-      value_target: float32[]: 1 if solved else 0.
+      value_target: float32[T]: the value label at each position of
+        ``value_mask``: ``value_labels`` (one per state: the prompt's end, then
+        each step's end) or, by default, the chain's outcome everywhere.
       value_mask: float32[T]: 1 at the prompt's last token and at the SEP
         ending each step of the text (the states the search evaluates).
     """
@@ -71,8 +99,13 @@ def encode_example(task: Task, prompt: str, text: str, solved: bool, seq_len: in
     value_mask = np.zeros((seq_len,), np.float32)
     value_mask[start - 1] = 1.0
     value_mask[start: start + len(text_ids)] = np.asarray(text_ids) == tok.SEP
-    return {"tokens": tokens, "targets_mask": targets_mask,
-            "value_target": np.float32(solved), "value_mask": value_mask}
+    value_target = np.full((seq_len,), float(solved), np.float32)
+    if value_labels is not None:
+        positions = np.nonzero(value_mask)[0]
+        if len(positions) != len(value_labels):
+            raise ValueError(f"{len(value_labels)} value labels for {len(positions)} states of {text!r}")
+        value_target[positions] = value_labels
+    return {"tokens": tokens, "targets_mask": targets_mask, "value_target": value_target, "value_mask": value_mask}
 
 
 def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -88,12 +121,13 @@ class BatchIterator:
     """
 
     def __init__(self, source, task: Task, *, batch_size: int, seq_len: int, seed: int, position: int = 0,
-                 imitate_unsolved: bool = False):
+                 imitate_unsolved: bool = False, value_label: str = "chain"):
         if len(source) == 0:
             raise ValueError("the training split is empty; set data.train_size > 0")
         self.source, self.task = source, task
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.imitate_unsolved = imitate_unsolved  # policy targets on every record, not only solved ones
+        self.value_label = value_label  # "chain" or "oracle" (state_labels)
         self.position = position
         self._perm_epoch, self._perm = -1, None
 
@@ -112,8 +146,10 @@ class BatchIterator:
         examples = []
         for i in range(self.position, self.position + self.batch_size):
             rec = decode_record(self.source[self._index(i)])
+            labels = (None if self.value_label == "chain" else
+                      state_labels(self.task, rec["problem"], rec["text"], rec["solved"], self.value_label))
             examples.append(encode_example(self.task, rec["prompt"], rec["text"], rec["solved"], self.seq_len,
-                                           imitate=rec["solved"] or self.imitate_unsolved))
+                                           imitate=rec["solved"] or self.imitate_unsolved, value_labels=labels))
         self.position += self.batch_size
         return collate(examples)
 

@@ -58,6 +58,7 @@ candidates, ``C`` the tokens of one candidate (S for steps, 1 for tokens),
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -69,7 +70,7 @@ from flax import nnx, struct
 from alphareason import tokenizer as tok
 from alphareason.model import Tool, tile_cache
 from alphareason.model.sampling import sample_step
-from alphareason.tasks import Problem, Task
+from alphareason.tasks import Problem, Task, split_steps
 
 NEG_INF = -1e9  # prior logit of a masked candidate (finite: mctx takes softmaxes)
 CANDIDATE_MODES = ("sample", "enumerate", "tokens")
@@ -190,6 +191,35 @@ class ReasoningEnv:
         task_state = jax.tree.map(lambda *xs: np.stack(xs), *states)
         return {"tokens": tokens, "length": length, "step_start": length.copy(), "task_state": task_state,
                 "done": np.zeros((len(problems),), bool)}
+
+    def after(self, problems: list[Problem], texts: list[str]) -> dict[str, Any]:
+        """Inputs of the states reached by valid steps ``texts[i]`` (one per problem) from the roots.
+
+        The task state comes from the task's JAX transition over the steps,
+        so these states are exactly what a search would reach by taking
+        them. Raises ``ValueError`` for a text that does not fit the context.
+        """
+        inputs = self.initial(problems)
+        S, T = self.step_len, self.seq_len
+        lines = [split_steps(t) for t in texts]
+        D = max([len(x) for x in lines] + [1])
+        steps = np.full((len(problems), D, S), tok.PAD, np.int32)
+        for i, ls in enumerate(lines):
+            for d, line in enumerate(ls):
+                steps[i, d] = tok.encode_padded(line + "\n", S)
+            ids = tok.encode(texts[i])
+            start = int(inputs["length"][i])
+            if start + len(ids) > T:
+                raise ValueError(f"state {texts[i]!r} of problem {problems[i]} does not fit the context ({T})")
+            inputs["tokens"][i, start: start + len(ids)] = ids
+            inputs["length"][i] = start + len(ids)
+        num_steps = np.array([len(x) for x in lines], np.int32)
+        state, done = _advance(self.task, jax.tree.map(jnp.asarray, inputs["task_state"]), jnp.asarray(steps),
+                               jnp.asarray(num_steps))
+        inputs["task_state"] = jax.tree.map(np.asarray, state)
+        inputs["step_start"] = inputs["length"].copy()
+        inputs["done"] = np.asarray(done)
+        return inputs
 
     # ------------------------------------------------------------ expansion
     def expand(self, params, key, inputs: dict[str, Any]) -> tuple[jax.Array, jax.Array, Node]:
@@ -365,6 +395,21 @@ def first_duplicates(cands) -> jax.Array:
     K = cands.shape[1]
     earlier = jnp.tril(jnp.ones((K, K), bool), k=-1)
     return jnp.any(same & earlier[None], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _advance(task: Task, state, steps, num_steps):
+    """The task state after ``num_steps[b]`` of ``steps[b]`` (int32[B, D, S]); and whether it is done."""
+    def one(carry, d):
+        state, done = carry
+        new, valid, step_done, _ = jax.vmap(task.step)(state, steps[:, d])
+        take = d < num_steps
+        keep = lambda n, o: jnp.where(take.reshape(take.shape + (1,) * (n.ndim - 1)), n, o)  # noqa: E731
+        return (jax.tree.map(keep, new, state), jnp.where(take, step_done | ~valid, done)), None
+
+    done = jnp.zeros(num_steps.shape, bool)
+    (state, done), _ = jax.lax.scan(one, (state, done), jnp.arange(steps.shape[1]))
+    return state, done
 
 
 def task_tool(task: Task, state) -> Tool | None:

@@ -166,6 +166,12 @@ class ArithmeticTask(Task):
         cap = self.max_trace_steps if max_steps is None else int_option(max_steps, "max_steps", 0)
         return "".join(s + "\n" for s in split_steps(self.solve(problem))[:cap])
 
+    def solvable_after(self, problem: Problem, text: str) -> bool:
+        """Every valid prefix of the (unique) solution can still be completed; nothing else can."""
+        verdict = self.verify(problem, text)
+        return verdict.solved or (verdict.num_valid_steps == len(split_steps(text))
+                                  and verdict.reason.startswith("incomplete"))
+
     def verify(self, problem: Problem, text: str) -> Verdict:
         """Exact verdict; ``answer`` is the result written in the text's last step (if any)."""
         problem = self.check_problem(problem)

@@ -157,6 +157,14 @@ class Task(abc.ABC):
     def verify(self, problem: Problem, text: str) -> Verdict:
         """Exact verdict on a chain of thought (text after the prompt)."""
 
+    def solvable_after(self, problem: Problem, text: str) -> bool | None:
+        """Exact value of a state (V*): whether the chain ``text`` can still end solved.
+
+        None when the task has no exact solver for partial chains. Used to
+        label and diagnose the value head (an oracle: the search never reads it).
+        """
+        return None
+
     def tool_mask(self, text: str) -> np.ndarray:
         """bool[len(text)]: True where the tool (not the model) wrote the character.
 

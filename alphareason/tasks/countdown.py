@@ -555,18 +555,35 @@ class CountdownTask(Task):
         return "".join(lines)
 
     def verify(self, problem: Problem, text: str) -> Verdict:
+        return self._replay(problem, text)[1]
+
+    def solvable_after(self, problem: Problem, text: str) -> bool:
+        """Exact: whether the chain ``text`` (valid steps so far) can still end solved.
+
+        Solved chains are solvable, invalid or dead-ended ones are not; otherwise the
+        remaining numbers decide (the same check the generator uses, ``reaches``).
+        """
+        chain, verdict = self._replay(problem, text)
+        if verdict.solved:
+            return True
+        if verdict.num_valid_steps < len(split_steps(text)) or chain.dead:
+            return False
+        return self._reaches(chain.available, problem["target"])
+
+    def _replay(self, problem: Problem, text: str) -> tuple["_Chain", Verdict]:
+        """Runs ``text`` through the verifier's chain: (the chain where it stopped, the verdict)."""
         problem = self.check_problem(problem)
         target = problem["target"]
         chain = _Chain(problem["numbers"], target, self.use_all)
         lines = split_steps(text)
         num_undos = 0
 
-        def bad(k: int, line: str, why: str) -> Verdict:
-            return Verdict(False, f"step {k} {_show(line)}: {why}", k - 1, chain.last)
+        def bad(k: int, line: str, why: str) -> tuple[_Chain, Verdict]:
+            return chain, Verdict(False, f"step {k} {_show(line)}: {why}", k - 1, chain.last)
 
         for k, line in enumerate(lines, 1):
             if chain.solved:
-                return Verdict(False, f"text after the solution was complete (step {k})", k - 1, chain.last)
+                return chain, Verdict(False, f"text after the solution was complete (step {k})", k - 1, chain.last)
             if line == "#":
                 if not chain.stack:
                     return bad(k, line, "nothing to undo")
@@ -598,11 +615,11 @@ class CountdownTask(Task):
         n = len(lines)
         if chain.solved:
             extra = f" ({len(chain.stack)} on the final path, {num_undos} undone)" if num_undos else ""
-            return Verdict(True, f"solved in {n} steps{extra}", n, chain.last)
+            return chain, Verdict(True, f"solved in {n} steps{extra}", n, chain.last)
         if chain.dead:
-            return Verdict(False, f"step {n} leaves {chain.last}, not the target {target}", n, chain.last)
+            return chain, Verdict(False, f"step {n} leaves {chain.last}, not the target {target}", n, chain.last)
         left = chain.available
-        return Verdict(False, f"incomplete: {len(left)} numbers remain ({_num_list(left)})", n, chain.last)
+        return chain, Verdict(False, f"incomplete: {len(left)} numbers remain ({_num_list(left)})", n, chain.last)
 
     def parse_prompt(self, text: str, *, where: str = "problem") -> Problem:
         """``"4,9,10,13>24"`` (the prompt) or ``"4 9 10 13 -> 24"``."""

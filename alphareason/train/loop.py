@@ -43,7 +43,8 @@ from alphareason import tokenizer as tok
 from alphareason.checkpoint import Checkpointer, restore_into, snapshot
 from alphareason.config import ConfigDict, ConfigError
 from alphareason.data import BatchIterator, collate, encode_example
-from alphareason.eval.heldout import EvalSettings, Evaluator
+from alphareason.eval.heldout import EvalSettings, Evaluator, write_results
+from alphareason.eval.value import calibration, flat_metrics, value_report
 from alphareason.model import count_params
 from alphareason.parallel import make_mesh, replicate, shard_batch
 from alphareason.run import (checkpoint_dir, dataset, env_config, make_model_config, make_optimizer, make_task,
@@ -58,6 +59,9 @@ from alphareason.train.replay import ReplayBuffer
 from alphareason.train.sft import TrainingDiverged, train_sft
 
 ALGORITHMS = ("alphazero", "expert_iteration", "sft_only")
+# Cumulative counters of a run (checkpointed): episodes' token forwards as charged by the search and as computed
+# (padding and finished rows included), the learner's (3 per token for forward + backward), examples learned from.
+TOTALS = ("selfplay_token_forwards", "selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
 
 
 # ------------------------------------------------------------------ config
@@ -141,19 +145,6 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task) -> Callable:
     return jax.jit(step, donate_argnums=0)
 
 
-def calibration(values: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> dict[str, float]:
-    """Brier score and expected calibration error of value predictions against outcomes."""
-    if len(values) == 0:
-        return {"value_brier": float("nan"), "value_ece": float("nan")}
-    idx = np.minimum((values * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(values[m].mean() - outcomes[m].mean())
-    return {"value_brier": float(np.mean((values - outcomes) ** 2)), "value_ece": float(ece)}
-
-
 # ---------------------------------------------------------------- the loop
 @dataclasses.dataclass
 class IterationState:
@@ -162,8 +153,7 @@ class IterationState:
     state: Any  # nnx.State of (model, optimizer)
     replay: ReplayBuffer
     iteration: int = 0  # iterations completed
-    totals: dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"selfplay_token_forwards": 0, "learner_examples": 0})
+    totals: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
 
 
 class SelfPlayLoop:
@@ -197,6 +187,7 @@ class SelfPlayLoop:
         self.it.state = replicate(self.it.state, self.mesh)
         validation = split_problems(config, workdir, "validation")
         self.eval_problems = validation[: config.eval.num_problems]
+        self.test_problems = split_problems(config, workdir, "test")[: config.eval.test_problems]
         self.exclude = validation + split_problems(config, workdir, "test")  # never self-play on held-out problems
         batch = min(config.eval.batch_size, len(self.eval_problems))
         search = search_config(config, num_simulations=sp.eval_simulations)
@@ -221,7 +212,7 @@ class SelfPlayLoop:
                                                "replay": self.it.replay.state_dict()})
         self.it.state = restore_into(self.it.state, items["state"])
         self.it.replay.load_state_dict(items["replay"])
-        self.it.iteration, self.it.totals = int(meta["iteration"]), dict(meta["totals"])
+        self.it.iteration, self.it.totals = int(meta["iteration"]), {**dict.fromkeys(TOTALS, 0), **meta["totals"]}
         done = self.it.iteration
         self.writer.truncate_after(lambda r: r.get("phase") not in ("selfplay", "eval") or r["step"] <= done)
         self.log(f"resumed self-play after iteration {done} ({self.ckpt.directory})")
@@ -237,7 +228,7 @@ class SelfPlayLoop:
         params = nnx.state(self.model)
         bar = Progress(total=len(problems), desc=f"iter {it}/{sp.iterations} self-play", enabled=self.progress,
                        unit="episode")
-        solved, net_values, outcomes, forwards = [], [], [], 0
+        solved, net_values, outcomes, forwards, computed = [], [], [], 0, 0
         key = jax.random.key(config.seed * 7919 + it)
         B = sp.actor_batch_size
         for start in range(0, len(problems), B):
@@ -246,6 +237,7 @@ class SelfPlayLoop:
             self.it.replay.add_episodes(batch, prompt_lengths=prompt_lengths(task, batch.problems))
             solved.extend(batch.solved.tolist())
             forwards += int(batch.token_forwards.sum())
+            computed += int(batch.computed_token_forwards.sum())
             if batch.moves:
                 net_values.extend(batch.moves[0].network_value[: len(chunk)].tolist())
                 outcomes.extend(batch.solved.astype(np.float32).tolist())
@@ -253,10 +245,11 @@ class SelfPlayLoop:
             bar.set_postfix(solved=f"{np.mean(solved):.1%}")
         bar.close()
         self.it.totals["selfplay_token_forwards"] += forwards
+        self.it.totals["selfplay_computed_token_forwards"] += computed
         seconds = time.time() - t0
         return {"selfplay_solve_rate": float(np.mean(solved)), "selfplay_episodes": len(problems),
                 "replay_size": self.it.replay.size, "replay_trajectories": self.it.replay.num_trajectories,
-                **calibration(np.asarray(net_values), np.asarray(outcomes)),
+                **{f"value_{k}": x for k, x in calibration(np.asarray(net_values), np.asarray(outcomes)).items()},
                 "selfplay_seconds": seconds, "episodes_per_s": len(problems) / max(seconds, 1e-9)}
 
     def play_batch(self, params, problems: list[dict], key, first_id: int):
@@ -282,6 +275,7 @@ class SelfPlayLoop:
             if batch is None:
                 break
             pending.append(self.learn_step(batch))
+            self.it.totals["learner_token_forwards"] += learner_token_forwards(batch)
             bar.update(1)
         bar.close()
         learn = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]} if pending else {}
@@ -310,8 +304,21 @@ class SelfPlayLoop:
             out[name] = evaluator.run(self.eval_problems, key)
         values = {"greedy_solve_rate": float(np.mean([r["solved"] for r in out["greedy"]])),
                   "mcts_solve_rate": float(np.mean([r["solved"] for r in out["mcts"]])),
-                  "mcts_token_forwards_per_problem": float(np.mean([r["token_forwards"] for r in out["mcts"]])),
-                  "eval_seconds": time.time() - t0, **self.it.totals}
+                  "mcts_token_forwards_per_problem": float(np.mean([r["token_forwards"] for r in out["mcts"]]))}
+        if self.test_problems:  # the reported split: per-problem greedy results, kept for paired tests
+            evaluator = self.evaluators["greedy"]
+            rows = evaluator.run(self.test_problems, key)
+            write_results(rows, os.path.join(self.workdir, "results", f"test_greedy_{it}.jsonl"))
+            values["test_greedy_solve_rate"] = float(np.mean([r["solved"] for r in rows]))
+        ev = self.config.eval
+        if ev.value_problems:
+            report = value_report(model, self.task, self.eval_problems[: ev.value_problems],
+                                  jax.random.fold_in(key, 1), chains=1, mc_samples=ev.value_mc_samples,
+                                  temperature=self.config.search.candidate_temperature)
+            values.update(flat_metrics(report))
+        totals = {**self.it.totals, "total_token_forwards": self.it.totals["selfplay_computed_token_forwards"]
+                  + self.it.totals["learner_token_forwards"]}
+        values.update(eval_seconds=time.time() - t0, **totals)
         return self.writer.write(it, "eval", values)
 
     def save(self, it: int) -> dict[str, Any]:
@@ -378,6 +385,19 @@ def _truncate(batch, n: int):
     return dc.replace(batch, problems=batch.problems[:n], texts=batch.texts[:n], verdicts=batch.verdicts[:n],
                       solved=batch.solved[:n], token_forwards=batch.token_forwards[:n], moves=moves,
                       num_steps=batch.num_steps[:n])
+
+
+def learner_token_forwards(batch: dict[str, Any]) -> int:
+    """What one learner step on ``batch`` computes, in token forwards: every token through the model
+    (padding included), three times (forward and backward, the usual 1 + 2 FLOPs convention)."""
+    n = 0
+    if "candidates" in batch:  # one pass over [state | K candidates] per move (score_continuations)
+        B, T = batch["tokens"].shape
+        _, K, S = batch["candidates"].shape
+        n += B * (T + K * S)
+    if "sft" in batch:
+        n += int(np.asarray(batch["sft"]["tokens"]).size)
+    return 3 * n
 
 
 def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):

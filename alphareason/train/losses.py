@@ -26,7 +26,7 @@ def sft_loss(model, batch, *, policy_weight: float = 1.0, value_weight: float = 
           predicted from position ``t - 1`` (model-written characters, SEPs,
           EOS); 0 for BOS, prompt, PAD and tool-written characters, and
           everywhere in negative examples. Column 0 is ignored.
-        value_target: f32[B], 1 solved, 0 not.
+        value_target: f32[B, T] (the label of each state) or f32[B] (one label per chain).
         value_mask: f32[B, T], positions whose value prediction is trained.
       policy_weight, value_weight: the loss is
         ``policy_weight * policy_loss + value_weight * value_loss``.
@@ -38,7 +38,8 @@ def sft_loss(model, batch, *, policy_weight: float = 1.0, value_weight: float = 
     """
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     targets_mask = jnp.asarray(batch["targets_mask"], jnp.float32)[:, 1:]  # [B, T-1]
-    value_target = jnp.asarray(batch["value_target"], jnp.float32)[:, None]  # [B, 1]
+    value_target = jnp.asarray(batch["value_target"], jnp.float32)
+    value_target = value_target if value_target.ndim == 2 else value_target[:, None]  # [B, T] or [B, 1]
     value_mask = jnp.asarray(batch["value_mask"], jnp.float32)  # [B, T]
 
     logits, value_logits = model(tokens)

@@ -23,8 +23,9 @@ import optax
 from flax import nnx
 
 from alphareason.checkpoint import Checkpointer, restore_into, snapshot
-from alphareason.config import ConfigDict, ConfigError
+from alphareason.config import ConfigDict, ConfigError, upgrade_config
 from alphareason.data import BatchIterator
+from alphareason.data.loader import VALUE_LABELS
 from alphareason.model import Transformer, count_params
 from alphareason.run import checkpoint_dir, dataset, make_data_spec, make_model_config, make_optimizer, make_task
 from alphareason.tasks import Task
@@ -44,7 +45,7 @@ def check_workdir_config(workdir: str, config: ConfigDict, sections=("task", "mo
     current = json.loads(json.dumps(config.to_dict(), default=str))
     if os.path.exists(path):
         with open(path) as f:
-            stored = json.load(f)
+            stored = json.loads(json.dumps(upgrade_config(json.load(f), where=path).to_dict(), default=str))
         diffs = [s for s in sections if stored.get(s) != current.get(s)]
         if diffs:
             raise ConfigError(
@@ -55,6 +56,16 @@ def check_workdir_config(workdir: str, config: ConfigDict, sections=("task", "mo
     with open(tmp, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def check_value_label(config: ConfigDict, task: Task) -> None:
+    """Refuses an unknown ``data.value_label``, or the oracle label for a task without an exact solver."""
+    label = config.data.value_label
+    if label not in VALUE_LABELS:
+        raise ConfigError(f"data.value_label={label!r}; choose one of {', '.join(VALUE_LABELS)}")
+    if label == "oracle" and task.solvable_after(task.generate(0, 1)[0], "") is None:
+        raise ConfigError(f"data.value_label='oracle' labels states with the task's exact solver, and task "
+                          f"{task.name} has none for partial chains; use data.value_label='chain'")
 
 
 # ------------------------------------------------------------ the train step
@@ -102,6 +113,7 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
         raise ConfigError("train.imitate_unsolved=True imitates every training record, so it needs "
                           "data.demonstrations=traces and data.negatives_per_problem=0 (random-walk "
                           "negatives must not be imitated; the unsolved traces train the value head)")
+    check_value_label(config, task)
     mcfg = make_model_config(config, task)
     check_workdir_config(workdir, config)
     spec = make_data_spec(config, task)
@@ -127,7 +139,8 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
         log(f"model: {count_params(model):,} parameters, sequence length {mcfg.max_len}")
 
     batches = BatchIterator(source, task, batch_size=tcfg.batch_size, seq_len=mcfg.max_len,
-                            seed=config.seed, position=position, imitate_unsolved=imitate_unsolved)
+                            seed=config.seed, position=position, imitate_unsolved=imitate_unsolved,
+                            value_label=config.data.value_label)
     train_step = make_train_step(graphdef, policy_weight=tcfg.policy_weight, value_weight=tcfg.value_weight)
     last: dict[str, float] = {}
     pending: list[dict] = []

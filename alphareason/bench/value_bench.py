@@ -1,0 +1,51 @@
+"""Value benchmark: how well a run's value head predicts solvability and the policy's success.
+
+``alphareason bench value --workdir DIR --out FILE.json`` loads the run's
+newest checkpoint, samples chains from its policy on held-out problems and
+reports, per depth, the value head's AUC against exact solvability (``V*``,
+the task's solver) and against the outcomes of Monte-Carlo rollouts of the
+policy, with Brier scores and calibration errors (``eval.value``). The
+self-play loop logs the same headline numbers every iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+
+def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: str = "validation",
+                    chains: int = 2, mc_samples: int = 8, seed: int = 0, overrides=()) -> dict:
+    from alphareason.config import apply_overrides, run_config
+    from alphareason.eval.value import value_report
+    from alphareason.run import load_model, split_problems
+    config = apply_overrides(run_config(workdir), overrides)
+    model, task, meta = load_model(config, workdir)
+    held_out = split_problems(config, workdir, split)[:problems]
+    t0 = time.time()
+    report = value_report(model, task, held_out, jax.random.key(seed), chains=chains, mc_samples=mc_samples,
+                          temperature=config.search.candidate_temperature)
+    result = {"workdir": os.path.abspath(workdir), "checkpoint": {k: meta.get(k) for k in ("phase", "step")},
+              "split": split, "seconds": time.time() - t0, **report}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def format_report(result: dict) -> str:
+    """A table: states, solvable fraction, AUCs, Brier per depth."""
+    def f(x):
+        return "   -" if x is None else f"{x:.3f}"
+    head = f"{'depth':>6} {'states':>7} {'V*=1':>6} {'mean v':>7} {'mean mc':>8} {'AUC V*':>7} {'AUC mc':>7} {'Brier mc':>9}"
+    lines = [head, "-" * len(head)]
+    rows = [(str(d), r) for d, r in result["depths"].items()] + [("all", result["all"])]
+    for name, r in rows:
+        lines.append(f"{name:>6} {r['states']:>7} {f(r.get('solvable')):>6} {r['mean_value']:>7.3f} "
+                     f"{r['mean_mc']:>8.3f} {f(r.get('auc_vstar')):>7} {f(r.get('auc_mc')):>7} {r['brier_mc']:>9.3f}")
+    lines.append(f"prompt: AUC against the greedy policy solving the problem {f(result['prompt_auc_greedy'])} "
+                 f"(greedy solves {result['greedy_solve_rate']:.1%})")
+    return "\n".join(lines)

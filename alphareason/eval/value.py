@@ -1,0 +1,211 @@
+"""Value diagnostics: does the value head predict whether a state can still be solved?
+
+The test states are those a policy reaches: from held-out problems, chains
+are sampled from the policy, and every state along them that is not
+finished (the prompt, the end of step 1, 2, ...) is kept, with its depth
+(steps taken). Each state gets
+
+* ``v``: the value head's estimate (sigmoid of the value logit at the
+  state's last token: what the search reads at a leaf);
+* ``V*``: whether the state can still be solved, from the task's exact
+  solver (``Task.solvable_after``; an oracle label the search never sees);
+* ``mc``: the policy's Monte-Carlo success rate from the state: ``N`` chains
+  sampled from it (``ChainDecoder``, the search's candidate temperature),
+  judged by the task's transition.
+
+Reported per depth and over all depths (``value_report``): AUC of ``v``
+against ``V*`` (where both classes occur), AUC against the rollouts'
+outcomes (each state counts as ``mc`` positive and ``1 - mc`` negative),
+Brier score and expected calibration error of ``v`` against ``mc`` (the
+quantity a value trained on outcomes estimates) and against ``V*``. At the
+prompt every generated problem is solvable (``V*`` = 1), so there the AUC
+is against whether the greedy policy solves the problem.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alphareason import tokenizer as tok
+from alphareason.search.decode import ChainDecoder
+from alphareason.search.env import EnvConfig, ReasoningEnv
+from alphareason.search.episodes import prompt_lengths
+from alphareason.tasks import Problem, Task, split_steps
+
+
+# ------------------------------------------------------------------ metrics
+def auc(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray | None = None) -> float | None:
+    """Area under the ROC curve of ``scores`` (f[n]) for weighted labels (Mann-Whitney, ties count 1/2).
+
+    ``positive`` is each item's weight as a positive; ``negative`` its weight
+    as a negative (default ``1 - positive``): 0/1 labels give the usual AUC,
+    a success rate ``mc`` gives the AUC against the outcomes of rollouts.
+    None when one class has no weight.
+    """
+    scores = np.asarray(scores, np.float64)
+    pos = np.asarray(positive, np.float64)
+    neg = 1.0 - pos if negative is None else np.asarray(negative, np.float64)
+    if pos.sum() <= 0 or neg.sum() <= 0:
+        return None
+    order = np.argsort(scores, kind="stable")
+    s, p, n = scores[order], pos[order], neg[order]
+    uniq, start = np.unique(s, return_index=True)
+    p_at = np.add.reduceat(p, start)
+    n_at = np.add.reduceat(n, start)
+    below = np.cumsum(n_at) - n_at  # negative weight with a strictly lower score
+    return float(np.sum(p_at * (below + 0.5 * n_at)) / (p.sum() * n.sum()))
+
+
+def calibration(values: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """Brier score and expected calibration error of predictions ``values`` against ``targets`` in [0, 1]."""
+    values, targets = np.asarray(values, np.float64), np.asarray(targets, np.float64)
+    if len(values) == 0:
+        return {"brier": float("nan"), "ece": float("nan")}
+    idx = np.minimum((values * bins).astype(int), bins - 1)
+    ece = sum(np.mean(idx == b) * abs(values[idx == b].mean() - targets[idx == b].mean())
+              for b in range(bins) if np.any(idx == b))
+    return {"brier": float(np.mean((values - targets) ** 2)), "ece": float(ece)}
+
+
+def summarize(v: np.ndarray, vstar: np.ndarray, mc: np.ndarray) -> dict[str, Any]:
+    """The diagnostics of one group of states: counts, AUCs, Brier and ECE."""
+    has_vstar = ~np.isnan(vstar)
+    out: dict[str, Any] = {"states": int(len(v)), "mean_value": float(np.mean(v)) if len(v) else float("nan"),
+                           "mean_mc": float(np.mean(mc)) if len(mc) else float("nan")}
+    if has_vstar.any():
+        out["solvable"] = float(np.mean(vstar[has_vstar]))
+        out["auc_vstar"] = auc(v[has_vstar], vstar[has_vstar])
+        out.update({f"{k}_vstar": x for k, x in calibration(v[has_vstar], vstar[has_vstar]).items()})
+    out["auc_mc"] = auc(v, mc)
+    out.update({f"{k}_mc": x for k, x in calibration(v, mc).items()})
+    return out
+
+
+# ------------------------------------------------------------------- states
+def chain_states(task: Task, problem: Problem, text: str) -> list[tuple[str, int]]:
+    """The states along one chain: ``(prefix text, depth)`` for the prompt and after every valid step.
+
+    Finished states (solved, dead end) are among them; ``ValueProbe.finished`` tells them apart.
+    """
+    lines = split_steps(text)[: task.verify(problem, text).num_valid_steps]
+    return [("".join(x + "\n" for x in lines[:d]), d) for d in range(len(lines) + 1)]
+
+
+class ValueProbe:
+    """Compiled pieces for one model graph and task: values of states, Monte-Carlo rollouts from them."""
+
+    def __init__(self, task: Task, graphdef, *, seq_len: int, batch_size: int = 256):
+        self.task, self.graphdef, self.seq_len, self.batch_size = task, graphdef, seq_len, batch_size
+        self.env = ReasoningEnv(task, graphdef, EnvConfig(num_candidates=1), seq_len=seq_len)
+        self.decoder = ChainDecoder(task, graphdef, seq_len=seq_len)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _values(self, params, tokens, length):
+        model = nnx.merge(self.graphdef, params)
+        _, value_logits, _ = model.prefill(tokens, length, model.init_cache(tokens.shape[0], self.seq_len))
+        return jax.nn.sigmoid(value_logits.astype(jnp.float32))
+
+    def _batches(self, problems: Sequence[Problem], texts: Sequence[str]):
+        n, B = len(problems), self.batch_size
+        for start in range(0, n, B):
+            chunk_p = list(problems[start: start + B])
+            chunk_t = list(texts[start: start + B])
+            m = len(chunk_p)
+            chunk_p += [chunk_p[0]] * (B - m)
+            chunk_t += [chunk_t[0]] * (B - m)
+            yield start, m, jax.tree.map(jnp.asarray, self.env.after(chunk_p, chunk_t))
+
+    def finished(self, problems: Sequence[Problem], texts: Sequence[str]) -> np.ndarray:
+        """bool[n]: the state is terminal by the task's transition (solved or a dead end)."""
+        out = np.zeros((len(problems),), bool)
+        for start, m, inputs in self._batches(problems, texts):
+            out[start: start + m] = np.asarray(inputs["done"])[:m]
+        return out
+
+    def values(self, params, problems: Sequence[Problem], texts: Sequence[str]) -> np.ndarray:
+        """f32[n]: the value head at the end of each state (prompt + ``texts[i]``)."""
+        out = np.zeros((len(problems),), np.float32)
+        for start, m, inputs in self._batches(problems, texts):
+            out[start: start + m] = np.asarray(self._values(params, inputs["tokens"], inputs["length"]))[:m]
+        return out
+
+    def rollouts(self, params, problems: Sequence[Problem], texts: Sequence[str], key, *, samples: int,
+                 temperature: float = 1.0, greedy: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+        """``samples`` chains from each state: (solved f32[n, samples], the full texts after the prompt)."""
+        solved = np.zeros((len(problems), samples), np.float32)
+        full: list[list[str]] = []
+        for start, m, inputs in self._batches(problems, texts):
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + self.batch_size))
+            out = self.decoder(params, keys, inputs, lanes=samples, greedy=greedy, temperature=temperature)
+            out = jax.tree.map(np.asarray, out)
+            solved[start: start + m] = out["solved"][:m]
+            starts = prompt_lengths(self.task, problems[start: start + m])
+            for b in range(m):
+                full.append([tok.decode(out["tokens"][b, j, starts[b]: out["length"][b, j]])
+                             for j in range(samples)])
+        return solved, full
+
+
+def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains: int = 2, mc_samples: int = 8,
+                 temperature: float = 1.0, batch_size: int = 256) -> dict[str, Any]:
+    """Value diagnostics of ``model`` on states the policy reaches from ``problems`` (see the module doc).
+
+    Returns ``{"depths": {d: summary}, "all": summary, "prompt_auc_greedy": float | None,
+    "greedy_solve_rate": float, ...}``; summaries as ``summarize`` gives them.
+    """
+    problems = list(problems)
+    graphdef, params = nnx.split(model)
+    probe = ValueProbe(task, graphdef, seq_len=model.config.max_len, batch_size=batch_size)
+    empty = [""] * len(problems)
+    greedy_solved, _ = probe.rollouts(params, problems, empty, jax.random.fold_in(key, 0), samples=1, greedy=True)
+    _, sampled = probe.rollouts(params, problems, empty, jax.random.fold_in(key, 1), samples=chains,
+                                temperature=temperature)
+    state_problem, state_text, state_depth = [], [], []
+    for i, p in enumerate(problems):
+        seen = set()
+        for text in sampled[i]:
+            for prefix, depth in chain_states(task, p, text):
+                if prefix not in seen:
+                    seen.add(prefix)
+                    state_problem.append(i)
+                    state_text.append(prefix)
+                    state_depth.append(depth)
+    live = ~probe.finished([problems[i] for i in state_problem], state_text)
+    state_problem = [x for x, keep in zip(state_problem, live) if keep]
+    state_text = [x for x, keep in zip(state_text, live) if keep]
+    state_depth = [x for x, keep in zip(state_depth, live) if keep]
+    sp = [problems[i] for i in state_problem]
+    v = probe.values(params, sp, state_text)
+    vstar = np.array([np.nan if (x := task.solvable_after(p, t)) is None else float(x)
+                      for p, t in zip(sp, state_text)])
+    mc_solved, _ = probe.rollouts(params, sp, state_text, jax.random.fold_in(key, 2), samples=mc_samples,
+                                  temperature=temperature)
+    mc = mc_solved.mean(axis=1)
+    depth = np.asarray(state_depth)
+    report: dict[str, Any] = {
+        "problems": len(problems), "chains_per_problem": chains, "mc_samples": mc_samples,
+        "temperature": temperature, "greedy_solve_rate": float(greedy_solved.mean()),
+        "depths": {int(d): summarize(v[depth == d], vstar[depth == d], mc[depth == d]) for d in np.unique(depth)},
+        "all": summarize(v, vstar, mc), "after_first_step": summarize(v[depth > 0], vstar[depth > 0], mc[depth > 0])}
+    at_prompt = depth == 0
+    prompt_values = np.zeros((len(problems),), np.float64)
+    prompt_values[np.asarray(state_problem)[at_prompt]] = v[at_prompt]
+    report["prompt_auc_greedy"] = auc(prompt_values, greedy_solved[:, 0])
+    return report
+
+
+def flat_metrics(report: dict[str, Any], prefix: str = "value_") -> dict[str, float]:
+    """The headline numbers of a report as flat scalars (for ``metrics.jsonl`` / TensorBoard)."""
+    out = {f"{prefix}prompt_auc_greedy": report["prompt_auc_greedy"],
+           f"{prefix}auc_vstar": report["after_first_step"].get("auc_vstar"),
+           f"{prefix}auc_mc": report["all"]["auc_mc"], f"{prefix}brier_mc": report["all"]["brier_mc"],
+           f"{prefix}ece_mc": report["all"]["ece_mc"]}
+    for d, row in report["depths"].items():
+        out[f"{prefix}auc_vstar_depth{d}"] = row.get("auc_vstar")
+    return {k: (float("nan") if x is None else float(x)) for k, x in out.items()}

@@ -1,0 +1,258 @@
+"""Self-play studies: algorithms compared at matched compute, over seeds, on a test split.
+
+A study is one setting (a config file and overrides) x algorithms x seeds.
+Each (algorithm, seed) run
+
+* starts from its seed's SFT warm start, trained once (``RUNS/seed<s>/sft``)
+  and copied, so the algorithms of a seed differ only in what they do after
+  it (a setting without demonstrations, ``train.steps=0``, starts from the
+  seed's random network);
+* runs the loop (``run_training``) with ``seed=s`` and ``eval.test_problems``
+  set: every iteration writes per-problem greedy results on the **test**
+  split, which is reported and never used to choose settings (the
+  validation split is for that);
+* is matched in compute: ``alphazero`` runs first with the config's learner
+  steps; every other algorithm gets the learner steps that make its total
+  computed token forwards per iteration (self-play + learner, padding
+  included) equal alphazero's of the same seed, from its own learner step's
+  cost and alphazero's self-play cost (the actual totals are recorded and
+  plotted, so any mismatch shows);
+* copies its small result files (``metrics.jsonl``, per-problem test
+  results of every iteration, ``run.json``) to ``RESULTS/<algorithm>/seed<s>/``
+  when it finishes, so a study can run in pieces and be committed run by run.
+
+``report(RESULTS)`` aggregates whichever runs are present: per iteration and
+algorithm the mean test solve rate (policy only, greedy) over seeds with a
+95% t interval, against the mean total compute; and at the last iteration an
+exact McNemar test of every algorithm against ``alphazero`` on the same test
+problems, pooled over the seeds both have. It writes ``study.json``,
+``study.md`` and ``study.png``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from alphareason.config import ConfigDict, ConfigError, load_config
+from alphareason.eval.stats import mcnemar, mean_interval
+
+REFERENCE = "alphazero"
+# What each algorithm name means as config overrides (variants add their own on top).
+ALGORITHM_OVERRIDES = {
+    "alphazero": ["selfplay.algorithm=alphazero"],
+    "alphazero_pure": ["selfplay.algorithm=alphazero", "selfplay.policy_weight=1.0", "selfplay.sft_weight=0.0",
+                       "selfplay.value_weight=1.0"],
+    "expert_iteration": ["selfplay.algorithm=expert_iteration"],
+    "sft_only": ["selfplay.algorithm=sft_only"],
+}
+
+
+def run_name(algorithm: str, seed: int) -> str:
+    return os.path.join(algorithm, f"seed{seed}")
+
+
+def algorithm_config(config_path: str, overrides: Sequence[str], algorithm: str, seed: int,
+                     variants: dict[str, Sequence[str]] | None = None) -> ConfigDict:
+    """The config of one run: the setting, the algorithm's (or variant's) overrides, the seed."""
+    extra = (variants or {}).get(algorithm)
+    if extra is None:
+        if algorithm not in ALGORITHM_OVERRIDES:
+            raise ConfigError(f"algorithm {algorithm!r}: choose one of {', '.join(ALGORITHM_OVERRIDES)} or define "
+                              f"it as a variant (--variant NAME key=value ...)")
+        extra = ALGORITHM_OVERRIDES[algorithm]
+    return load_config(config_path, list(overrides) + list(extra) + [f"seed={seed}"])
+
+
+def learner_step_cost(config: ConfigDict, task) -> int:
+    """Token forwards of one learner step of ``config``'s algorithm (``loop.learner_token_forwards``)."""
+    from alphareason.run import make_model_config
+    from alphareason.search.env import ReasoningEnv
+    from alphareason.run import env_config
+    sp, T = config.selfplay, make_model_config(config, task).max_len
+    B = sp.learner_batch_size
+    if sp.algorithm == "sft_only":
+        return 3 * B * T
+    K = ReasoningEnv(task, None, env_config(config), seq_len=T).num_candidates
+    cost = B * (T + K * task.max_step_len)
+    if sp.algorithm == "expert_iteration" or sp.sft_weight > 0:
+        cost += B * T
+    return 3 * cost
+
+
+def _per_iteration(rows: list[dict], key: str) -> np.ndarray:
+    values = np.array([r.get(key, 0) for r in sorted(rows, key=lambda r: r["step"])], np.float64)
+    return np.diff(values)
+
+
+def matched_learner_steps(reference_rows: list[dict], config: ConfigDict, task) -> int:
+    """Learner steps per iteration that spend, with ``config``'s algorithm, what the reference spent."""
+    total = _per_iteration(reference_rows, "total_token_forwards").mean()
+    selfplay = 0.0 if config.selfplay.algorithm == "sft_only" else \
+        _per_iteration(reference_rows, "selfplay_computed_token_forwards").mean()
+    return max(1, int(round((total - selfplay) / learner_step_cost(config, task))))
+
+
+def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Callable[[str], None]) -> str:
+    from alphareason.train.sft import train_sft
+    sft_dir = os.path.join(runs, f"seed{seed}", "sft")
+    train_sft(config, sft_dir, progress=progress, log=log)
+    return sft_dir
+
+
+def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: int, *, runs: str, results: str,
+            variants: dict[str, Sequence[str]] | None = None, test_problems: int = 1000, progress: bool = True,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs (or resumes) one (algorithm, seed) of a study and copies its results into ``results``."""
+    from alphareason.run import make_task
+    from alphareason.train.loop import run_training
+    from alphareason.train.metrics import read_metrics
+    config = algorithm_config(config_path, list(overrides) + [f"eval.test_problems={test_problems}"], algorithm,
+                              seed, variants)
+    if config.data.test_size < test_problems:
+        raise ConfigError(f"the study reports {test_problems} test problems but data.test_size is "
+                          f"{config.data.test_size}; raise data.test_size (or lower --test-problems)")
+    task = make_task(config)
+    if algorithm != REFERENCE:
+        reference = os.path.join(results, run_name(REFERENCE, seed), "metrics.jsonl")
+        if not os.path.exists(reference):
+            raise ConfigError(f"{algorithm} seed {seed} is matched in compute to {REFERENCE} seed {seed}, whose "
+                              f"results ({reference}) are missing: run {REFERENCE} for this seed first")
+        rows = [json.loads(x) for x in open(reference) if '"phase": "eval"' in x]
+        steps = matched_learner_steps(rows, config, task)
+        log(f"{algorithm} seed {seed}: {steps} learner steps per iteration match {REFERENCE}'s compute")
+        with config.unlocked():
+            config.selfplay.learner_steps = steps
+    t0 = time.time()
+    base = algorithm_config(config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE,
+                            seed, variants)
+    sft_dir = _sft_start(base, runs, seed, progress, log)
+    workdir = os.path.join(runs, f"seed{seed}", algorithm)
+    if not os.path.exists(os.path.join(workdir, "checkpoints", "sft")):
+        os.makedirs(workdir, exist_ok=True)
+        for part in ("data", os.path.join("checkpoints", "sft")):
+            if os.path.exists(os.path.join(sft_dir, part)):
+                shutil.copytree(os.path.join(sft_dir, part), os.path.join(workdir, part), dirs_exist_ok=True)
+        if os.path.exists(os.path.join(sft_dir, "metrics.jsonl")):
+            shutil.copy(os.path.join(sft_dir, "metrics.jsonl"), os.path.join(workdir, "metrics.jsonl"))
+    log(f"== {algorithm} seed {seed} ({workdir})")
+    run_training(config, workdir, progress=progress, log=log)
+    out = os.path.join(results, run_name(algorithm, seed))
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(workdir, "metrics.jsonl"), os.path.join(out, "metrics.jsonl"))
+    for path in glob.glob(os.path.join(workdir, "results", "test_greedy_*.jsonl")):
+        shutil.copy(path, out)
+    info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
+            "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
+            "eval": [r for r in read_metrics(workdir, "eval")]}
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+# ------------------------------------------------------------------ report
+def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{algorithm: {seed: {"eval": rows, "test": {iteration: bool[n]}}}}`` for every finished run."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted(glob.glob(os.path.join(results, "*", "seed*", "run.json"))):
+        folder = os.path.dirname(path)
+        algorithm, seed = os.path.basename(os.path.dirname(folder)), int(os.path.basename(folder)[4:])
+        with open(path) as f:
+            info = json.load(f)
+        test = {}
+        for p in glob.glob(os.path.join(folder, "test_greedy_*.jsonl")):
+            it = int(os.path.basename(p)[len("test_greedy_"):-len(".jsonl")])
+            with open(p) as f:
+                rows = [json.loads(x) for x in f if x.strip()]
+            test[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in rows}
+        runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test}
+    return runs
+
+
+def report(results: str, *, title: str = "") -> dict[str, Any]:
+    """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there."""
+    runs = _load_runs(results)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {results} (each writes <algorithm>/seed<s>/run.json)")
+    out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}}
+    for algorithm, seeds in runs.items():
+        iterations = sorted(set.intersection(*[set(s["test"]) for s in seeds.values()]))
+        per_it = []
+        for it in iterations:
+            rates = [float(np.mean(list(s["test"][it].values()))) for s in seeds.values()]
+            compute = [next((r.get("total_token_forwards", 0) for r in s["eval"] if r["step"] == it), 0)
+                       for s in seeds.values()]
+            val = [next((r.get("greedy_solve_rate") for r in s["eval"] if r["step"] == it), None)
+                   for s in seeds.values()]
+            per_it.append({"iteration": it, "test_greedy": mean_interval(rates), "rates": rates,
+                           "total_token_forwards": float(np.mean(compute)),
+                           "validation_greedy": mean_interval([v for v in val if v is not None])})
+        out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it}
+    if REFERENCE in runs:
+        ref = runs[REFERENCE]
+        for algorithm, seeds in runs.items():
+            if algorithm == REFERENCE:
+                continue
+            a, b = [], []
+            for seed, run in seeds.items():
+                if seed not in ref:
+                    continue
+                it = min(max(run["test"]), max(ref[seed]["test"]))
+                common = sorted(set(run["test"][it]) & set(ref[seed]["test"][it]))
+                a += [ref[seed]["test"][it][k] for k in common]
+                b += [run["test"][it][k] for k in common]
+            if a:
+                out["paired"][algorithm] = {"against": REFERENCE, **mcnemar(np.array(a), np.array(b))}
+    with open(os.path.join(results, "study.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(results, "study.md"), "w") as f:
+        f.write(markdown(out))
+    plot(out, os.path.join(results, "study.png"))
+    return out
+
+
+def markdown(study: dict[str, Any]) -> str:
+    """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds."""
+    lines = [f"## {study['title']}" if study["title"] else "## Self-play study", "",
+             "Policy-only (greedy) solve rate on the test split, mean over seeds [95% t interval]; compute is "
+             "the mean total token forwards (self-play + learner, as computed) at the last iteration.", ""]
+    its = max(len(a["iterations"]) for a in study["algorithms"].values())
+    head = "| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its)) + " | compute | vs alphazero |"
+    lines += [head, "|" + "---|" * (its + 4)]
+    for name, a in study["algorithms"].items():
+        cells = [f"{x['test_greedy']['mean']:.1%} [{x['test_greedy']['low']:.1%}, {x['test_greedy']['high']:.1%}]"
+                 for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
+        paired = study["paired"].get(name)
+        versus = (f"p = {paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
+                  f"alphazero / {name})" if paired else "")
+        compute = a["iterations"][-1]["total_token_forwards"] if a["iterations"] else 0
+        lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells) + f" | {compute:,.0f} | {versus} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, a in study["algorithms"].items():
+        x = [i["total_token_forwards"] for i in a["iterations"]]
+        y = [i["test_greedy"]["mean"] for i in a["iterations"]]
+        lo = [i["test_greedy"]["low"] for i in a["iterations"]]
+        hi = [i["test_greedy"]["high"] for i in a["iterations"]]
+        ax.plot(x, y, marker="o", label=f"{name} ({len(a['seeds'])} seeds)")
+        ax.fill_between(x, lo, hi, alpha=0.15)
+    ax.set_xlabel("total compute (model token forwards: self-play + learner)")
+    ax.set_ylabel("test solve rate, policy only (greedy)")
+    ax.set_title(study["title"] or "self-play study", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

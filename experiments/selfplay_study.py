@@ -1,0 +1,64 @@
+"""Self-play studies: algorithms x seeds at matched compute, reported on the test split.
+
+  # one (algorithm, seed) at a time (resumable; results copied into RESULTS when it finishes):
+  python experiments/selfplay_study.py run --config configs/countdown_tiny.py \\
+      --results benchmarks/results/study/countdown_tiny --algorithms alphazero sft_only --seeds 0 1 2
+  # the table, plot and paired tests from whatever runs are present:
+  python experiments/selfplay_study.py report --results benchmarks/results/study/countdown_tiny
+
+``alphazero`` runs first for each seed: the other algorithms are matched to
+its compute. See ``alphareason.train.study``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from alphareason.train import study
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) algorithms x seeds of one setting")
+    r.add_argument("--config", required=True, help="the setting: a config file (configs/*.py)")
+    r.add_argument("--results", required=True, help="where each finished run's result files go (committed)")
+    r.add_argument("--runs", default="", help="work directories (default: runs/study/<results folder name>)")
+    r.add_argument("--algorithms", nargs="+", default=["alphazero", "expert_iteration", "sft_only"])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--test-problems", type=int, default=1000)
+    r.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="an extra algorithm: NAME and its config overrides (repeatable)")
+    r.add_argument("--no-progress", action="store_true")
+    g = sub.add_parser("report", help="aggregate the runs present: study.json, study.md, study.png")
+    g.add_argument("--results", required=True)
+    g.add_argument("--title", default="")
+    args = p.parse_args(rest)
+    if args.command == "report":
+        out = study.report(args.results, title=args.title)
+        print(study.markdown(out))
+        return 0
+    variants = {v[0]: v[1:] for v in args.variant}
+    runs = args.runs or os.path.join("runs", "study", os.path.basename(os.path.normpath(args.results)))
+    order = sorted(args.algorithms, key=lambda a: a != study.REFERENCE)  # the reference first: others match it
+    for seed in args.seeds:
+        for algorithm in order:
+            study.run_one(args.config, overrides, algorithm, seed, runs=runs, results=args.results,
+                          variants=variants, test_problems=args.test_problems, progress=not args.no_progress)
+    out = study.report(args.results)
+    print(study.markdown(out))
+    return 0
+
+
+if __name__ == "__main__":
+    from alphareason.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    sys.exit(main())

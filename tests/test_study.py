@@ -1,0 +1,138 @@
+"""Value diagnostics, the statistics of comparisons, value labels, and a self-play study end to end."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from alphareason.config import ConfigError
+from alphareason.data.loader import encode_example, state_labels
+from alphareason.eval.stats import binomial_two_sided, mcnemar, mean_interval, solve_rate_interval
+from alphareason.eval.value import auc, calibration, chain_states
+from alphareason.tasks import get_task
+
+TASK = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30, tool="calculator")
+
+
+# ------------------------------------------------------------------ statistics
+def test_auc_counts_ordered_pairs_and_ties_and_weights():
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auc(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
+    assert auc(np.array([1.0, 2.0]), np.array([1, 1])) is None
+    # a success rate counts as that much positive and the rest negative: the pairs (0.9 vs 0.2) weigh 0.5 * 0.5
+    got = auc(np.array([0.2, 0.9]), np.array([0.5, 1.0]))
+    pos, neg = np.array([0.5, 1.0]), np.array([0.5, 0.0])
+    want = (pos[1] * neg[0] * 1.0 + pos[0] * neg[0] * 0.5) / (pos.sum() * neg.sum())
+    assert got == pytest.approx(want)
+
+
+def test_calibration_brier_and_ece():
+    out = calibration(np.array([0.05, 0.05, 0.95, 0.95]), np.array([0.0, 0.0, 1.0, 0.0]))
+    assert out["brier"] == pytest.approx((0.05 ** 2 * 2 + 0.05 ** 2 + 0.95 ** 2) / 4)
+    assert out["ece"] == pytest.approx(0.5 * 0.05 + 0.5 * abs(0.95 - 0.5))
+
+
+def test_mean_interval_uses_students_t():
+    out = mean_interval([0.10, 0.14, 0.18])
+    half = 4.303 * np.std([0.10, 0.14, 0.18], ddof=1) / math.sqrt(3)
+    assert out["mean"] == pytest.approx(0.14) and out["high"] - out["mean"] == pytest.approx(half)
+    assert mean_interval([0.3])["low"] == 0.3
+
+
+def test_mcnemar_is_the_exact_binomial_on_discordant_pairs():
+    a = np.array([1, 1, 1, 1, 1, 0, 0, 1, 0, 0], bool)
+    b = np.array([0, 0, 0, 0, 0, 1, 0, 1, 0, 0], bool)
+    out = mcnemar(a, b)
+    assert (out["a_only"], out["b_only"]) == (5, 1)
+    assert out["p_value"] == pytest.approx(2 * (1 + 6) / 64)
+    assert binomial_two_sided(3, 6) == 1.0
+    lo, hi = solve_rate_interval(50, 100)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.1924, abs=1e-3)
+
+
+# ------------------------------------------------------------------ value labels
+def test_oracle_labels_are_exact_solvability_of_each_state():
+    problem = {"numbers": [2, 5, 3], "target": 13}  # 2*5=10, 10+3=13
+    good = "2*5=10\n10+3=13\n"
+    assert state_labels(TASK, problem, good, True, "oracle") == [1.0, 1.0, 1.0]
+    bad = "2+5=7\n7+3=10\n"  # 7 and 3 cannot make 13: the first step already lost it
+    assert [TASK.solvable_after(problem, t) for t in ("", "2+5=7\n", bad)] == [True, False, False]
+    assert state_labels(TASK, problem, bad, False, "oracle") == [1.0, 0.0, 0.0]
+    assert state_labels(TASK, problem, bad, False, "chain") == [0.0, 0.0, 0.0]
+    ex = encode_example(TASK, TASK.prompt(problem), bad, False, 41, value_labels=[1.0, 0.0, 0.0])
+    positions = np.nonzero(ex["value_mask"])[0]
+    np.testing.assert_array_equal(ex["value_target"][positions], [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="3 value labels for 2 states"):
+        encode_example(TASK, TASK.prompt(problem), "2+5=7\n", False, 41, value_labels=[1.0, 0.0, 0.0])
+
+
+def test_oracle_labels_are_refused_without_a_solver(tmp_path):
+    from alphareason.train.sft import check_value_label
+    from helpers import micro_config
+    config = micro_config()
+    config.data.value_label = "oracle"
+    task = TASK
+
+    class NoSolver(type(TASK)):
+        def solvable_after(self, problem, text):
+            return None
+
+    with pytest.raises(ConfigError, match="has none for partial chains"):
+        check_value_label(config, NoSolver(num_numbers=3, max_number=10, min_target=10, max_target=30))
+    check_value_label(config, task)
+    config.data.value_label = "vstar"
+    with pytest.raises(ConfigError, match="choose one of chain, oracle"):
+        check_value_label(config, task)
+
+
+def test_chain_states_are_the_prompt_and_every_valid_step():
+    problem = {"numbers": [2, 5, 3], "target": 13}
+    assert chain_states(TASK, problem, "2+5=7\n9*9=81\n") == [("", 0), ("2+5=7\n", 1)]
+    assert [d for _, d in chain_states(TASK, problem, "2*5=10\n10+3=13\n")] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ value report
+def test_value_report_labels_every_live_state_exactly():
+    import jax
+    from alphareason.eval.value import value_report
+    from alphareason.model import ModelConfig
+    from alphareason.model.testing import perturbed_model
+    model = perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=3)
+    problems = TASK.generate(0, 6)
+    report = value_report(model, TASK, problems, jax.random.key(0), chains=2, mc_samples=3, batch_size=8)
+    total = sum(r["states"] for r in report["depths"].values())
+    assert report["all"]["states"] == total and report["depths"][0]["states"] == len(problems)
+    assert report["depths"][0]["solvable"] == 1.0  # generated problems are solvable
+    for row in report["depths"].values():
+        assert 0.0 <= row["mean_mc"] <= 1.0 and 0.0 <= row["mean_value"] <= 1.0
+
+
+# ------------------------------------------------------------------ a study, end to end
+def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
+    import configs_for_tests
+    from alphareason.train import study
+    config_path = configs_for_tests.write_micro(tmp_path)
+    results, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+    kw = dict(runs=runs, results=results, test_problems=8, progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="run alphazero for this seed first"):
+        study.run_one(config_path, [], "sft_only", 0, **kw)
+    for seed in (0, 1):
+        for algorithm in ("alphazero", "sft_only"):
+            study.run_one(config_path, [], algorithm, seed, **kw)
+    out = study.report(results, title="micro")
+    assert set(out["algorithms"]) == {"alphazero", "sft_only"}
+    for name, a in out["algorithms"].items():
+        assert a["seeds"] == [0, 1] and [i["iteration"] for i in a["iterations"]] == [0, 1]
+    az, sft = out["algorithms"]["alphazero"]["iterations"][-1], out["algorithms"]["sft_only"]["iterations"][-1]
+    # matched compute: within one of sft_only's learner steps of alphazero's total
+    step = study.learner_step_cost(study.algorithm_config(config_path, [], "sft_only", 0), TASK)
+    assert abs(sft["total_token_forwards"] - az["total_token_forwards"]) <= step
+    assert out["paired"]["sft_only"]["n"] == 16  # 8 test problems x 2 seeds
+    for f in ("study.json", "study.md", "study.png"):
+        assert os.path.exists(os.path.join(results, f))
+    files = sorted(os.listdir(os.path.join(results, "alphazero", "seed0")))
+    assert files == ["metrics.jsonl", "run.json", "test_greedy_0.jsonl", "test_greedy_1.jsonl"]
+    rows = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "test_greedy_1.jsonl"))]
+    assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
