@@ -47,6 +47,7 @@ def default_config() -> ConfigDict:
     c.data.train_size = 20_000
     c.data.validation_size = 200
     c.data.test_size = 200
+    c.data.sft_task_options = ConfigDict()  # task options of the SFT demonstrations only (transfer settings)
     c.data.seed = 0  # the problems (splits, demonstrations); ``seed`` is everything else (init, order, self-play)
     c.data.demonstrations = "solutions"  # or "traces" (Stream of Search)
     c.data.negatives_per_problem = 0.5
@@ -200,6 +201,8 @@ class _null:
         return False
 
 
+# Dict-valued keys whose contents are free (task options), stored and restored whole.
+WHOLE_DICTS = ("task.options", "data.sft_task_options")
 # Keys that older versions of the project wrote into a run's config.json and that no code reads any more.
 REMOVED_KEYS = ("search.action_temperature", "eval.split", "eval.temperature", "eval.samples")
 
@@ -207,7 +210,7 @@ REMOVED_KEYS = ("search.action_temperature", "eval.split", "eval.temperature", "
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not (prefix + k).endswith("task.options"):
+        if isinstance(v, dict) and (prefix + k) not in WHOLE_DICTS:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
@@ -232,7 +235,7 @@ def upgrade_config(stored: dict, *, where: str = "config.json") -> ConfigDict:
             node = node[part] if isinstance(node, ConfigDict) and part in node else None
             if node is None:
                 break
-        if node is None or (parts[-1] not in node and not key.startswith("task.options")):
+        if node is None or parts[-1] not in node:
             unknown.append(key)
             continue
         with node.unlocked() if hasattr(node, "unlocked") else _null():

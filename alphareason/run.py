@@ -38,11 +38,16 @@ def task_options(config: ConfigDict) -> dict:
     return dict(config.task.options.to_dict() if hasattr(config.task.options, "to_dict") else config.task.options)
 
 
-def make_task(config: ConfigDict) -> Task:
+def make_task(config: ConfigDict, *, demonstrations: bool = False) -> Task:
+    """The run's task; ``demonstrations``: the task of the SFT demonstrations (``data.sft_task_options``
+    changes options for them, e.g. Countdown-3 demonstrations for a Countdown-4 run)."""
+    options = task_options(config)
+    if demonstrations:
+        options.update(dict(config.data.sft_task_options))
     try:
-        return get_task(config.task.name, **task_options(config))
+        return get_task(config.task.name, **options)
     except ValueError as e:
-        raise ConfigError(f"task config: {e}") from e
+        raise ConfigError(f"task config{' (data.sft_task_options)' if demonstrations else ''}: {e}") from e
 
 
 def traces(config: ConfigDict) -> bool:
@@ -75,13 +80,21 @@ def make_model_config(config: ConfigDict, task: Task) -> ModelConfig:
         raise ConfigError(f"model config: {e}") from e
 
 
-def make_data_spec(config: ConfigDict, task: Task | None = None) -> DataSpec:
+def make_data_spec(config: ConfigDict, task: Task | None = None, *, demonstrations: bool = False) -> DataSpec:
+    """The dataset of the run (its held-out splits are the run's), or with ``demonstrations`` the one SFT
+    imitates (the same unless ``data.sft_task_options`` is set)."""
     d = config.data
-    task = task or make_task(config)
+    task = task or make_task(config, demonstrations=demonstrations)
     exclude: tuple[str, ...] = ()
     if d.exclude_file:
         exclude = tuple(json.dumps(p, sort_keys=True) for p in read_problems(d.exclude_file, task))
-    return make_spec(config.task.name, task_options(config), train_size=d.train_size,
+    options = task_options(config)
+    if demonstrations:
+        options.update(dict(d.sft_task_options))
+    # The run's own dataset has no demonstrations when SFT imitates another task's, or when nothing imitates.
+    imitated = config.train.steps > 0 or config.selfplay.algorithm == "sft_only"
+    own_demonstrations = demonstrations or (imitated and not d.sft_task_options)
+    return make_spec(config.task.name, options, train_size=d.train_size if own_demonstrations else 0,
                      validation_size=d.validation_size, test_size=d.test_size, seed=d.seed,
                      demonstrations=d.demonstrations, negatives_per_problem=d.negatives_per_problem,
                      exclude=exclude, max_chain_len=sequence_length(config, task) if traces(config) else 0)
@@ -91,9 +104,9 @@ def data_dir(config: ConfigDict, workdir: str) -> str:
     return config.data.data_dir or os.path.join(workdir, "data")
 
 
-def dataset(config: ConfigDict, workdir: str, task: Task | None = None):
-    """The run's TFDS builder (built on first use; array_record)."""
-    return build_dataset(make_data_spec(config, task), data_dir(config, workdir))
+def dataset(config: ConfigDict, workdir: str, task: Task | None = None, *, demonstrations: bool = False):
+    """The run's TFDS builder (built on first use; array_record); ``demonstrations``: SFT's."""
+    return build_dataset(make_data_spec(config, task, demonstrations=demonstrations), data_dir(config, workdir))
 
 
 def split_problems(config: ConfigDict, workdir: str, split: str) -> list[dict]:
@@ -166,3 +179,62 @@ def load_model(config: ConfigDict, workdir: str, *, phase: str | None = None):
         return model, task, meta
     raise CheckpointError(f"no checkpoint under {os.path.join(os.path.abspath(workdir), 'checkpoints')}; run "
                           f"`alphareason train --config ... --workdir {workdir}` first")
+
+
+# ------------------------------------------------------------------ a run, for notebooks and scripts
+class Run:
+    """A trained run directory, ready to search and evaluate: ``run = load_run("runs/demo")``.
+
+    Attributes: ``config`` (the run's config), ``task``, ``model`` (its newest
+    checkpoint: self-play if present, else SFT), ``checkpoint`` (that
+    checkpoint's metadata) and ``workdir``.
+    """
+
+    def __init__(self, workdir: str, config: ConfigDict, model, task: Task, checkpoint: dict):
+        self.workdir, self.config, self.model, self.task, self.checkpoint = workdir, config, model, task, checkpoint
+
+    def problems(self, split: str = "validation") -> list[dict]:
+        """A held-out split of the run's dataset (``validation`` or ``test``)."""
+        return split_problems(self.config, self.workdir, split)
+
+    def search(self, problem, *, simulations: int | None = None, policy: str | None = None, seed: int = 0) -> dict:
+        """Searches one problem (a dict or the task's text form, ``"4 9 13 -> 23"``) from its prompt.
+
+        Returns the first move's search tree as ``alphareason.viz`` draws it
+        (``alphareason.viz.show(tree)`` in Jupyter), with its settings.
+        """
+        import jax
+        from flax import nnx
+
+        from alphareason.search.mcts import Searcher
+        from alphareason.search.tree import export_tree
+        if isinstance(problem, str):
+            problem = self.task.parse_problem(problem)
+        settings = search_config(self.config, num_simulations=simulations, policy=policy)
+        graphdef, params = nnx.split(self.model)
+        searcher = Searcher(self.task, graphdef, env_config(self.config), settings, seq_len=self.model.config.max_len,
+                            keep_tree=True)
+        inputs = jax.tree.map(jax.numpy.asarray, searcher.env.initial([problem]))
+        result = searcher(params, jax.random.key(seed)[None], inputs)
+        return export_tree(result, 0, task=self.task, problem=problem, policy=settings.policy)
+
+    def evaluate(self, problems, *, strategy: str = "greedy", simulations: int | None = None, samples: int = 8,
+                 temperature: float = 0.7, batch_size: int = 64, seed: int = 0) -> list[dict]:
+        """Results rows (``alphareason eval``'s format) of ``greedy``, ``sample`` or ``mcts`` on ``problems``."""
+        import jax
+
+        from alphareason.eval import EvalSettings, Evaluator
+        problems = [self.task.parse_problem(p) if isinstance(p, str) else p for p in problems]
+        settings = EvalSettings(strategy=strategy, samples=samples, temperature=temperature, batch_size=batch_size,
+                                env=env_config(self.config), search=search_config(self.config,
+                                                                                  num_simulations=simulations),
+                                traces=traces(self.config))
+        return Evaluator(self.model, self.task, settings).run(problems, jax.random.key(seed))
+
+
+def load_run(workdir: str, overrides=()) -> Run:
+    """The run in ``workdir`` (its ``config.json`` and newest checkpoint); ``overrides`` as on the command line."""
+    from alphareason.config import apply_overrides, run_config
+    config = apply_overrides(run_config(workdir), overrides)
+    model, task, meta = load_model(config, workdir)
+    return Run(os.path.abspath(workdir), config, model, task, meta)

@@ -136,3 +136,45 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     assert files == ["metrics.jsonl", "run.json", "test_greedy_0.jsonl", "test_greedy_1.jsonl"]
     rows = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "test_greedy_1.jsonl"))]
     assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
+
+
+# ------------------------------------------------------------------ policy over legal steps
+def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
+    """Checked against full forwards of every legal step at every state (independent of the scorer)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from alphareason import tokenizer as tok
+    from alphareason.model import ModelConfig
+    from alphareason.model.testing import forward, perturbed_model
+    from alphareason.search.decode import LegalStepDecoder
+    from alphareason.search.env import EnvConfig, ReasoningEnv
+    model = perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=5)
+    graphdef, params = nnx.split(model)
+    problems = TASK.generate(3, 4)
+    env = ReasoningEnv(TASK, graphdef, EnvConfig(candidates="enumerate"), seq_len=TASK.context_len())
+    out = LegalStepDecoder(TASK, graphdef, seq_len=TASK.context_len())(
+        params, None, jax.tree.map(jnp.asarray, env.initial(problems)))
+    for b, p in enumerate(problems):
+        text = ""
+        while not TASK.verify(p, text).solved and TASK.verify(p, text).reason.startswith("incomplete"):
+            state = env.after([p], [text])
+            steps, legal = jax.vmap(TASK.legal_steps)(jax.tree.map(jnp.asarray, state["task_state"]))
+            best, best_step = -np.inf, None
+            n = int(state["length"][0])
+            for k in np.nonzero(np.asarray(legal[0]))[0]:
+                step = np.asarray(steps[0, k])
+                seq = np.asarray(state["tokens"][0]).copy()
+                m = int(np.sum(step != tok.PAD))
+                seq[n: n + m] = step[:m]
+                logits, _ = forward(graphdef, params, jnp.asarray(seq[None]))
+                logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+                written = ~np.asarray(TASK.tool_written(jnp.asarray(step)))[:m]
+                score = sum(logp[n - 1 + j, step[j]] for j in range(m) if written[j])
+                if score > best:
+                    best, best_step = score, tok.decode(step[:m])
+            text += best_step
+        start = len(tok.encode(TASK.prompt(p), bos=True))
+        got = tok.decode(np.asarray(out["tokens"][b, 0, start: int(out["length"][b, 0])]))
+        assert got == text
+        assert bool(out["solved"][b, 0]) == TASK.verify(p, text).solved

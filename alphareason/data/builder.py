@@ -102,8 +102,8 @@ class ReasoningDataset(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        splits = split_problems(self.task, self.spec)
-        return {name: self._generate_examples(name, problems) for name, problems in splits.items()}
+        splits = split_problems(self.task, self.spec)  # an empty split (e.g. no demonstrations) is not written
+        return {name: self._generate_examples(name, problems) for name, problems in splits.items() if problems}
 
     def _generate_examples(self, split: str, problems: Sequence[Problem]) -> Iterator[tuple[str, dict]]:
         rng = np.random.default_rng([self.spec.seed, {"train": 0, "validation": 1, "test": 2}[split], 7])

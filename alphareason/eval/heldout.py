@@ -6,7 +6,9 @@ the test-time-compute study's strategies under a budget are in
 (``search.decode.ChainDecoder``) and play MCTS with the same episode runner.
 
 Strategies here (``HELDOUT_STRATEGIES``):
-  * ``greedy``: one chain of thought, argmax at every token;
+  * ``greedy``: one chain of thought, argmax at every token (with
+    ``search.candidates="enumerate"``: the policy's most likely legal step at
+    every step, ``LegalStepDecoder``);
   * ``sample``: ``samples`` chains of thought at ``temperature`` from one
     prefill of the prompt; the answer is the one the value head ranks
     highest (no verifier involved); the row also reports ``pass_at_n``
@@ -36,7 +38,7 @@ from flax import nnx
 
 from alphareason import tokenizer as tok
 from alphareason.model import flops_per_token
-from alphareason.search.decode import ChainDecoder
+from alphareason.search.decode import ChainDecoder, LegalStepDecoder
 from alphareason.search.env import EnvConfig, ReasoningEnv
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.mcts import SearchConfig, Searcher
@@ -81,7 +83,12 @@ class Evaluator:
         self.seq_len = model.config.max_len
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
         self.env = ReasoningEnv(task, self.graphdef, settings.env, seq_len=self.seq_len)
-        self.decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces)
+        if settings.env.candidates == "enumerate" and settings.strategy == "greedy":
+            # the policy over the task's legal steps (what the search with enumerated candidates uses)
+            self.decoder = LegalStepDecoder(task, self.graphdef, seq_len=self.seq_len,
+                                            length_normalize=settings.env.length_normalize)
+        else:
+            self.decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces)
         self._episodes: EpisodeRunner | None = None
 
     def set_params(self, model: nnx.Module) -> None:

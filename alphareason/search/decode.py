@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alphareason import tokenizer as tok
 from alphareason.model import tile_cache
 from alphareason.model.sampling import sample_step
 from alphareason.search.env import append_steps, task_tool
@@ -195,3 +196,68 @@ class ChainDecoder:
                 "solved": shape(c["solved"] & c["done"]), "done": shape(c["done"]), "logprob": shape(c["logprob"]),
                 "spent": c["spent"], "lane_forwards": shape(c["lane_forwards"]), "prompt": length.astype(jnp.int32),
                 "cut": shape(c["cut"])}
+
+
+class LegalStepDecoder:
+    """Policy-only decoding over the task's legal steps: no search, no free generation.
+
+    At every step each chain takes the legal step (``Task.legal_steps``) the
+    policy finds most likely: the argmax of the prior the search uses with
+    ``search.candidates="enumerate"`` (``search.env.score_candidates``: the
+    log-likelihood of the step's model-written tokens, optionally divided by
+    their number). This is "the policy alone" for a network trained only by
+    search over legal steps (tabula rasa), which may never have learnt to
+    write a step's text itself.
+
+    Returns what ``ChainDecoder`` returns for one lane per problem; a step
+    costs the scoring pass over the prefix and every legal step's tokens.
+    """
+
+    def __init__(self, task: Task, graphdef, *, seq_len: int, length_normalize: bool = False):
+        self.task, self.graphdef, self.seq_len = task, graphdef, seq_len
+        self.length_normalize = length_normalize
+        self._jitted = jax.jit(self._decode)
+
+    def __call__(self, params, keys, inputs: dict[str, Any], **unused) -> dict[str, jax.Array]:
+        del keys, unused  # deterministic
+        return self._jitted(params, inputs["tokens"], inputs["length"], inputs["task_state"])
+
+    def _decode(self, params, tokens, length, task_state):
+        from alphareason.search.env import score_candidates
+        task = self.task
+        model = nnx.merge(self.graphdef, params)
+        B = tokens.shape[0]
+
+        def one_step(c):
+            live = ~c["done"]
+            steps, legal = jax.vmap(task.legal_steps)(c["state"])  # [B, K, S], [B, K]
+            steps = jnp.where(live[:, None, None] & legal[..., None], steps, tok.PAD)
+            logprob, num_scored, value_logits = score_candidates(model, task, c["tokens"], c["length"], steps)
+            if self.length_normalize:
+                logprob = logprob / jnp.maximum(num_scored, 1)
+            choice = jnp.argmax(jnp.where(legal, logprob, -jnp.inf), axis=-1)
+            step = jnp.take_along_axis(steps, choice[:, None, None], axis=1)[:, 0]  # [B, S]
+            new_state, valid, step_done, reward = jax.vmap(task.step)(c["state"], step)
+            move = live & jnp.any(legal, -1)
+            step_length = jnp.sum(step != tok.PAD, -1).astype(jnp.int32)
+            cost = jnp.where(live, c["length"] + jnp.sum(steps != tok.PAD, (1, 2)), 0).astype(jnp.int32)
+            keep = lambda n, o: jnp.where(move.reshape(move.shape + (1,) * (n.ndim - 1)), n, o)  # noqa: E731
+            return dict(
+                i=c["i"] + 1, state=jax.tree.map(keep, new_state, c["state"]),
+                tokens=jnp.where(move[:, None], append_steps(c["tokens"], c["length"], step), c["tokens"]),
+                length=c["length"] + jnp.where(move, step_length, 0),
+                done=c["done"] | ~move | (move & (step_done | ~valid)),
+                solved=jnp.where(move, reward > 0, c["solved"]),
+                logprob=c["logprob"] + jnp.where(move, jnp.max(jnp.where(legal, logprob, -jnp.inf), -1), 0.0),
+                value_logits=jnp.where(live, value_logits, c["value_logits"]), spent=c["spent"] + cost)
+
+        carry = dict(i=jnp.int32(0), state=task_state, tokens=tokens, length=length, done=jnp.zeros((B,), bool),
+                     solved=jnp.zeros((B,), bool), logprob=jnp.zeros((B,), jnp.float32),
+                     value_logits=jnp.zeros((B,), jnp.float32), spent=jnp.zeros((B,), jnp.int32))
+        c = jax.lax.while_loop(lambda c: (c["i"] < task.max_steps) & ~jnp.all(c["done"]), one_step, carry)
+        one = lambda x: x[:, None]  # noqa: E731  (one lane)
+        return {"tokens": one(c["tokens"]), "length": one(c["length"]), "candidate": jnp.ones((B, 1), bool),
+                "value": one(jax.nn.sigmoid(c["value_logits"])), "solved": one(c["solved"] & c["done"]),
+                "done": one(c["done"]), "logprob": one(c["logprob"]), "spent": c["spent"],
+                "lane_forwards": one(c["spent"]), "prompt": jnp.zeros((B,), jnp.int32),
+                "cut": jnp.zeros((B, 1), bool)}

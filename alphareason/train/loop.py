@@ -199,7 +199,8 @@ class SelfPlayLoop:
         self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
                                       place=lambda tree: shard_batch(tree, self.mesh))  # problems over the data axis
         self.learner_step = make_learner_step(self.graphdef, config, task)
-        self.demonstrations = (dataset(config, workdir, task).as_data_source(split="train")
+        self.demo_task = make_task(config, demonstrations=True)
+        self.demonstrations = (dataset(config, workdir, self.demo_task, demonstrations=True).as_data_source(split="train")
                                if sp.algorithm == "sft_only" else None)
 
     # ------------------------------------------------------------ helpers
@@ -267,7 +268,7 @@ class SelfPlayLoop:
         bar = Progress(total=sp.learner_steps, desc=f"iter {it}/{sp.iterations} learning", enabled=self.progress)
         demo_iter = None
         if self.demonstrations is not None:
-            demo_iter = BatchIterator(self.demonstrations, self.task, batch_size=sp.learner_batch_size,
+            demo_iter = BatchIterator(self.demonstrations, self.demo_task, batch_size=sp.learner_batch_size,
                                       seq_len=self.seq_len, seed=config.seed + it, position=0)
         pending = []
         for _ in range(sp.learner_steps):

@@ -116,12 +116,16 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     check_value_label(config, task)
     mcfg = make_model_config(config, task)
     check_workdir_config(workdir, config)
-    spec = make_data_spec(config, task)
+    model = Transformer(mcfg, rngs=nnx.Rngs(config.seed))
+    if tcfg.steps == 0:  # tabula rasa: the network as initialised, no demonstrations read
+        log(f"model: {count_params(model):,} parameters, sequence length {mcfg.max_len}; no SFT (train.steps=0)")
+        return SFTResult(model=model, task=task, steps=0, last_metrics={})
+    demo_task = make_task(config, demonstrations=True)  # the task itself unless data.sft_task_options is set
+    spec = make_data_spec(config, demo_task, demonstrations=True)
     t0 = time.time()
-    source = dataset(config, workdir, task).as_data_source(split="train")
+    source = dataset(config, workdir, demo_task, demonstrations=True).as_data_source(split="train")
     log(f"data: {len(source)} training examples ({spec.config_name()}), ready in {time.time() - t0:.1f}s")
 
-    model = Transformer(mcfg, rngs=nnx.Rngs(config.seed))
     optimizer = make_optimizer(model, learning_rate=tcfg.learning_rate, steps=tcfg.steps,
                                warmup_steps=tcfg.warmup_steps, weight_decay=tcfg.weight_decay,
                                grad_clip=tcfg.grad_clip)
@@ -138,7 +142,7 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     else:
         log(f"model: {count_params(model):,} parameters, sequence length {mcfg.max_len}")
 
-    batches = BatchIterator(source, task, batch_size=tcfg.batch_size, seq_len=mcfg.max_len,
+    batches = BatchIterator(source, demo_task, batch_size=tcfg.batch_size, seq_len=mcfg.max_len,
                             seed=config.seed, position=position, imitate_unsolved=imitate_unsolved,
                             value_label=config.data.value_label)
     train_step = make_train_step(graphdef, policy_weight=tcfg.policy_weight, value_weight=tcfg.value_weight)
