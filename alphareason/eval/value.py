@@ -11,7 +11,9 @@ finished (the prompt, the end of step 1, 2, ...) is kept, with its depth
   solver (``Task.solvable_after``; an oracle label the search never sees);
 * ``mc``: the policy's Monte-Carlo success rate from the state: ``N`` chains
   sampled from it (``ChainDecoder``, the search's candidate temperature),
-  judged by the task's transition.
+  judged by the task's transition;
+* the policy's legal mass: its probability of writing a legal step next
+  (the sum over the task's legal steps), a diagnostic of the policy itself.
 
 Reported per depth and over all depths (``value_report``): AUC of ``v``
 against ``V*`` (where both classes occur), AUC against the rollouts'
@@ -128,6 +130,26 @@ class ValueProbe:
             out[start: start + m] = np.asarray(inputs["done"])[:m]
         return out
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def _legal_mass(self, params, tokens, length, task_state):
+        from alphareason.search.env import score_candidates
+        model = nnx.merge(self.graphdef, params)
+        steps, legal = jax.vmap(self.task.legal_steps)(task_state)
+        logprob, _, _ = score_candidates(model, self.task, tokens, length, jnp.where(legal[..., None], steps, tok.PAD))
+        return jnp.sum(jnp.where(legal, jnp.exp(logprob), 0.0), -1)
+
+    def legal_mass(self, params, problems: Sequence[Problem], texts: Sequence[str]) -> np.ndarray:
+        """f32[n]: the policy's probability of writing a legal step next (the sum over the task's legal
+        steps of their probability, tool tokens excluded); nan for a task without a legal-step generator."""
+        out = np.full((len(problems),), np.nan, np.float32)
+        try:
+            for start, m, inputs in self._batches(problems, texts):
+                out[start: start + m] = np.asarray(self._legal_mass(params, inputs["tokens"], inputs["length"],
+                                                                    inputs["task_state"]))[:m]
+        except NotImplementedError:
+            pass
+        return out
+
     def values(self, params, problems: Sequence[Problem], texts: Sequence[str]) -> np.ndarray:
         """f32[n]: the value head at the end of each state (prompt + ``texts[i]``)."""
         out = np.zeros((len(problems),), np.float32)
@@ -187,11 +209,14 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     mc_solved, _ = probe.rollouts(params, sp, state_text, jax.random.fold_in(key, 2), samples=mc_samples,
                                   temperature=temperature)
     mc = mc_solved.mean(axis=1)
+    mass = probe.legal_mass(params, sp, state_text)
     depth = np.asarray(state_depth)
     report: dict[str, Any] = {
         "problems": len(problems), "chains_per_problem": chains, "mc_samples": mc_samples,
         "temperature": temperature, "greedy_solve_rate": float(greedy_solved.mean()),
-        "depths": {int(d): summarize(v[depth == d], vstar[depth == d], mc[depth == d]) for d in np.unique(depth)},
+        "depths": {int(d): {**summarize(v[depth == d], vstar[depth == d], mc[depth == d]),
+                            "legal_mass": float(np.mean(mass[depth == d]))} for d in np.unique(depth)},
+        "legal_mass": float(np.mean(mass)),
         "all": summarize(v, vstar, mc), "after_first_step": summarize(v[depth > 0], vstar[depth > 0], mc[depth > 0])}
     at_prompt = depth == 0
     prompt_values = np.zeros((len(problems),), np.float64)
@@ -202,7 +227,7 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
 
 def flat_metrics(report: dict[str, Any], prefix: str = "value_") -> dict[str, float]:
     """The headline numbers of a report as flat scalars (for ``metrics.jsonl`` / TensorBoard)."""
-    out = {f"{prefix}prompt_auc_greedy": report["prompt_auc_greedy"],
+    out = {f"{prefix}prompt_auc_greedy": report["prompt_auc_greedy"], "policy_legal_mass": report["legal_mass"],
            f"{prefix}auc_vstar": report["after_first_step"].get("auc_vstar"),
            f"{prefix}auc_mc": report["all"]["auc_mc"], f"{prefix}brier_mc": report["all"]["brier_mc"],
            f"{prefix}ece_mc": report["all"]["ece_mc"]}

@@ -157,6 +157,19 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
 
 
 # ------------------------------------------------------------------ report
+FAILURES = {"solved": "solved", "not available": "a number not available", "not of the form": "malformed step",
+            "leaves": "dead end (valid steps, wrong result)", "incomplete": "stopped early",
+            "nothing to undo": "bad undo", "after the solution": "text after the solution"}
+
+
+def failure_kind(reason: str) -> str:
+    """The kind of a verifier verdict's reason (``FAILURES``' values; ``other`` if none matches)."""
+    for needle, kind in FAILURES.items():
+        if needle in reason:
+            return kind
+    return "other"
+
+
 def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
     """``{algorithm: {seed: {"eval": rows, "test": {iteration: bool[n]}}}}`` for every finished run."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -165,13 +178,14 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
         algorithm, seed = os.path.basename(os.path.dirname(folder)), int(os.path.basename(folder)[4:])
         with open(path) as f:
             info = json.load(f)
-        test = {}
+        test, kinds = {}, {}
         for p in glob.glob(os.path.join(folder, "test_greedy_*.jsonl")):
             it = int(os.path.basename(p)[len("test_greedy_"):-len(".jsonl")])
             with open(p) as f:
                 rows = [json.loads(x) for x in f if x.strip()]
             test[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in rows}
-        runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test}
+            kinds[it] = [failure_kind(r.get("reason", "")) for r in rows]
+        runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test, "kinds": kinds}
     return runs
 
 
@@ -190,7 +204,9 @@ def report(results: str, *, title: str = "") -> dict[str, Any]:
                        for s in seeds.values()]
             val = [next((r.get("greedy_solve_rate") for r in s["eval"] if r["step"] == it), None)
                    for s in seeds.values()]
+            kinds = [k for s in seeds.values() for k in s["kinds"][it]]
             per_it.append({"iteration": it, "test_greedy": mean_interval(rates), "rates": rates,
+                           "outcomes": {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds))},
                            "total_token_forwards": float(np.mean(compute)),
                            "validation_greedy": mean_interval([v for v in val if v is not None])})
         out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it}
