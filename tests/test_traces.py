@@ -131,7 +131,8 @@ def test_stream_of_search_imitates_unsolved_traces_only_when_asked():
     assert default["targets_mask"].sum() == 0
     assert imitated["targets_mask"].sum() == len(unsolved) + 1  # every character and the EOS
     np.testing.assert_array_equal(imitated["value_mask"], default["value_mask"])
-    assert imitated["value_target"] == default["value_target"] == 0.0
+    np.testing.assert_array_equal(imitated["value_target"], default["value_target"])
+    assert np.all(default["value_target"] == 0.0)
 
 
 def test_imitating_unsolved_records_needs_traces_without_negatives(tmp_path):

@@ -34,7 +34,7 @@ def test_encode_example_masks_tool_output_and_prompt():
     assert "".join(t if t != "<eos>" else "$" for t in targets) == "2*5=10+3=$"
     assert ex["value_mask"][start - 1] == 1 and ex["value_mask"][start - 2] == 0
     neg = encode_example(task, "2,5,3>13\n", "2+5=7\n7+3=10\n", False, 40)
-    assert neg["targets_mask"].sum() == 0 and neg["value_target"] == 0
+    assert neg["targets_mask"].sum() == 0 and np.all(neg["value_target"] == 0)
 
 
 def test_batch_iterator_is_deterministic_and_resumable(tmp_path):
