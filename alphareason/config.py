@@ -114,7 +114,8 @@ def default_config() -> ConfigDict:
     c.selfplay.policy_weight = 1.0
     c.selfplay.value_weight = 1.0
     c.selfplay.sft_weight = 0.0
-    c.selfplay.value_target = "outcome"  # "outcome" | "search_q"
+    c.selfplay.value_target = "outcome"  # "outcome" | "search_q" | "td_lambda"
+    c.selfplay.value_lambda = 0.8  # td_lambda: weight of the longer returns (1: the outcome, 0: the next search value)
     # "softmax": CE between action_weights and the softmax of the K candidates' log-likelihoods;
     # "likelihood": -sum_k action_weights[k] * log p(candidate k) (the sequences' own probabilities).
     c.selfplay.policy_target = "softmax"

@@ -178,3 +178,14 @@ def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
         got = tok.decode(np.asarray(out["tokens"][b, 0, start: int(out["length"][b, 0])]))
         assert got == text
         assert bool(out["solved"][b, 0]) == TASK.verify(p, text).solved
+
+
+def test_lambda_returns_mix_search_values_and_the_outcome():
+    from alphareason.train.replay import lambda_returns
+    v, z = np.array([0.5, 0.2, 0.9]), 1.0
+    np.testing.assert_allclose(lambda_returns(v, z, 1.0), [1.0, 1.0, 1.0])  # Monte-Carlo
+    np.testing.assert_allclose(lambda_returns(v, z, 0.0), [0.2, 0.9, 1.0])  # one-step TD on search values
+    g2 = 1.0
+    g1 = 0.5 * 0.9 + 0.5 * g2
+    g0 = 0.5 * 0.2 + 0.5 * g1
+    np.testing.assert_allclose(lambda_returns(v, z, 0.5), [g0, g1, g2], rtol=1e-6)

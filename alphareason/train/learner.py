@@ -13,7 +13,9 @@ per step):
   decoding (tested at 1e-5);
 * value: binary cross-entropy between the value head at the state's last
   token and the target: the episode's verified outcome (Monte-Carlo return,
-  ``value_target="outcome"``) or the search's root value (``"search_q"``);
+  ``value_target="outcome"``), the search's root value (``"search_q"``) or
+  the TD(lambda) mix of the following states' search values and the outcome
+  (``"td_lambda"``, ``selfplay.value_lambda``; the replay computes it);
 * optional SFT term: next-token cross-entropy on solved trajectories (the
   expert-iteration / ReST / STaR signal).
 """
@@ -29,7 +31,7 @@ import optax
 from alphareason.search.env import NEG_INF, first_duplicates, score_candidates
 from alphareason.train.losses import sft_loss
 
-VALUE_TARGETS = ("outcome", "search_q")
+VALUE_TARGETS = ("outcome", "search_q", "td_lambda")
 POLICY_TARGETS = ("softmax", "likelihood")
 
 
@@ -88,7 +90,8 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
         pi = jnp.exp(log_pi)
         entropy = -jnp.sum(jnp.where(distinct, pi * log_pi, 0.0), axis=-1)
         invalid_mass = jnp.sum(jnp.where(distinct & ~batch["cand_valid"], pi, 0.0), axis=-1)
-        vt = batch["outcome"] if value_target == "outcome" else jnp.clip(batch["search_value"], 0.0, 1.0)
+        vt = {"outcome": lambda: batch["outcome"], "td_lambda": lambda: batch["td_lambda"],
+              "search_q": lambda: jnp.clip(batch["search_value"], 0.0, 1.0)}[value_target]()
         value_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(value_logits, vt))
         value_prob = jax.nn.sigmoid(value_logits)
         loss = loss + policy_weight * policy_loss + value_weight * value_loss

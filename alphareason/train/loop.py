@@ -87,6 +87,8 @@ def validate_config(config: ConfigDict, task: Task) -> None:
                               f"use a multiple of {devices}")
     if config.search.num_candidates < 1 or config.search.num_simulations < 1:
         raise ConfigError("search.num_candidates and search.num_simulations must be >= 1")
+    if not 0.0 <= sp.value_lambda <= 1.0:
+        raise ConfigError(f"selfplay.value_lambda={sp.value_lambda} must be in [0, 1] (1: the outcome)")
     if sp.policy_target not in POLICY_TARGETS:
         raise ConfigError(f"selfplay.policy_target={sp.policy_target!r}; choose one of {', '.join(POLICY_TARGETS)}")
     make_model_config(config, task)  # raises if the context is too short for the task
@@ -177,7 +179,7 @@ class SelfPlayLoop:
         self.graphdef, state = nnx.split((model, optimizer))
         searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config), seq_len=self.seq_len)
         replay = ReplayBuffer(sp.replay_capacity, seq_len=self.seq_len, num_candidates=searcher.num_candidates,
-                              step_len=task.max_step_len)
+                              step_len=task.max_step_len, value_lambda=sp.value_lambda)
         self.ckpt = Checkpointer(checkpoint_dir(workdir, "selfplay"))
         self.writer = MetricsWriter(workdir)
         self.it = IterationState(state=state, replay=replay)
@@ -409,7 +411,7 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
         return None
     moves = replay.sample_moves(rng, sp.learner_batch_size)
     batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
-                                        "search_value", "outcome")})
+                                        "search_value", "outcome", "td_lambda")})
     needs_sft = sp.algorithm == "expert_iteration" or sp.sft_weight > 0
     if needs_sft:
         traj = replay.sample_trajectories(rng, sp.learner_batch_size)

@@ -21,22 +21,40 @@ from alphareason import tokenizer as tok
 from alphareason.search.episodes import EpisodeBatch
 
 MOVE_FIELDS = ("tokens", "length", "candidates", "cand_valid", "action_weights", "search_value",
-               "outcome", "action")
+               "outcome", "td_lambda", "action")
+
+
+def lambda_returns(search_values: np.ndarray, outcome: float, lam: float) -> np.ndarray:
+    """TD(lambda) value targets of one episode's states: f32[n] from the search values v[0..n-1] and its outcome.
+
+    ``G[t] = (1 - lam) * v[t + 1] + lam * G[t + 1]`` with ``G[n - 1] = outcome``
+    (the last move leads to the terminal state): ``lam = 1`` is the Monte-Carlo
+    outcome, ``lam = 0`` the next state's search value (one-step TD).
+    """
+    n = len(search_values)
+    out = np.zeros((n,), np.float32)
+    g = float(outcome)
+    for t in range(n - 1, -1, -1):
+        if t < n - 1:
+            g = (1.0 - lam) * float(search_values[t + 1]) + lam * g
+        out[t] = g
+    return out
 
 
 class ReplayBuffer:
     """``capacity`` moves and ``capacity // 4`` solved trajectories, oldest overwritten first."""
 
-    def __init__(self, capacity: int, *, seq_len: int, num_candidates: int, step_len: int):
+    def __init__(self, capacity: int, *, seq_len: int, num_candidates: int, step_len: int, value_lambda: float = 1.0):
         if capacity <= 0:
             raise ValueError(f"selfplay.replay_capacity must be > 0, got {capacity}")
         C, T, K, S = capacity, seq_len, num_candidates, step_len
-        self.capacity = C
+        self.capacity, self.value_lambda = C, value_lambda
         self.moves = {
             "tokens": np.zeros((C, T), np.int32), "length": np.ones((C,), np.int32),
             "candidates": np.zeros((C, K, S), np.int32), "cand_valid": np.zeros((C, K), bool),
             "action_weights": np.zeros((C, K), np.float32), "search_value": np.zeros((C,), np.float32),
-            "outcome": np.zeros((C,), np.float32), "action": np.zeros((C,), np.int32),
+            "outcome": np.zeros((C,), np.float32), "td_lambda": np.zeros((C,), np.float32),
+            "action": np.zeros((C,), np.int32),
         }
         self.traj_capacity = max(1, C // 4)
         self.trajectories = {"tokens": np.zeros((self.traj_capacity, T), np.int32),
@@ -55,14 +73,19 @@ class ReplayBuffer:
     def add_episodes(self, batch: EpisodeBatch, *, prompt_lengths: list[int]) -> int:
         """Adds every active move of ``batch`` (outcome = the verifier's verdict). Returns moves added."""
         outcome = batch.solved.astype(np.float32)
-        added = 0
+        td = {}  # row -> TD(lambda) targets of its moves, in order
+        for r in range(len(batch.problems)):
+            values = [m.search_value[r] for m in batch.moves if m.active[r]]
+            td[r] = lambda_returns(np.asarray(values), outcome[r], self.value_lambda)
+        added, taken = 0, np.zeros((len(batch.problems),), np.int64)
         for move in batch.moves:
             rows = np.nonzero(move.active)[0]
             for r in rows:
                 self._put_move({"tokens": move.tokens[r], "length": move.length[r],
                                 "candidates": move.candidates[r], "cand_valid": move.cand_valid[r],
                                 "action_weights": move.action_weights[r], "search_value": move.search_value[r],
-                                "outcome": outcome[r], "action": move.action[r]})
+                                "outcome": outcome[r], "td_lambda": td[r][taken[r]], "action": move.action[r]})
+                taken[r] += 1
                 added += 1
         if batch.moves:
             final_tokens, final_length = _final_sequences(batch)
@@ -103,6 +126,7 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.moves = {k: np.asarray(v) for k, v in state["moves"].items()}
+        self.moves.setdefault("td_lambda", self.moves["outcome"].copy())  # replays saved before TD(lambda) targets
         self.trajectories = {k: np.asarray(v) for k, v in state["trajectories"].items()}
         self.counters = np.asarray(state["counters"], np.int64).copy()
 
