@@ -173,7 +173,7 @@ class IterationState:
     """What the loop carries from one iteration to the next (and what a checkpoint restores)."""
 
     state: Any  # nnx.State of (model, optimizer)
-    replay: ReplayBuffer
+    replay: ReplayBuffer | grpo.RolloutBuffer  # GRPO: the iteration's rollouts
     iteration: int = 0  # iterations completed
     totals: dict[str, int] = dataclasses.field(default_factory=lambda: dict(TOTALS))
 
