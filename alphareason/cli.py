@@ -234,7 +234,8 @@ def cmd_bench(args, overrides) -> int:
         return 0
     else:
         from alphareason.bench.selfplay_bench import run_selfplay_bench
-        result = run_selfplay_bench(args.out, overrides=overrides, workdir=args.workdir)
+        result = run_selfplay_bench(args.out, config_path=args.config or "configs/countdown_tiny.py",
+                                    overrides=overrides, workdir=args.workdir)
     print(json.dumps(result, indent=1, default=str)[:4000])
     return 0
 
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--problems", type=int, default=0, help="value: held-out problems to sample states from (200)")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    b.add_argument("--config", help="selfplay: the experiment config (default configs/countdown_tiny.py; "
+                                    "configs/countdown_tiny_grpo.py for GRPO)")
     b.add_argument("--workdir", help="search: time the search with this trained run's model (default: untrained); "
                                       "selfplay: keep the run in this new directory (default: a temporary one)")
     b.set_defaults(fn=cmd_bench)

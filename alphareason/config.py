@@ -29,6 +29,7 @@ ConfigDict = ml_collections.ConfigDict
 #   eval      held-out evaluation after training / every iteration
 #   search    mctx search over reasoning steps
 #   selfplay  the AlphaZero loop: iterations, episodes, replay, learner
+#   grpo      selfplay.algorithm=grpo: RL on the verifier's reward without search (alphareason/train/grpo.py)
 
 
 def default_config() -> ConfigDict:
@@ -122,6 +123,20 @@ def default_config() -> ConfigDict:
     c.selfplay.eval_simulations = 16
     c.selfplay.action_temperature = 1.0  # moves sampled from the search policy (0: argmax)
     c.selfplay.curriculum = False  # easy problems first, by the task's difficulty levels
+
+    # GRPO (selfplay.algorithm="grpo"): each iteration samples group_size chains for each of
+    # selfplay.episodes_per_iteration problems (selfplay.actor_batch_size problems at a time) and learns in
+    # minibatches of selfplay.learner_batch_size chains. The action space follows search.candidates:
+    # "sample" = free generation of steps, "enumerate" = a policy over the task's legal steps.
+    c.grpo = ConfigDict()
+    c.grpo.group_size = 8  # G chains per problem (Tunix: num_generations)
+    c.grpo.clip_eps = 0.2  # the ratio is clipped to [1 - eps, 1 + eps] (Tunix: epsilon)
+    c.grpo.updates_per_batch = 1  # minibatch epochs over each rollout batch (Tunix: num_iterations, mu)
+    c.grpo.kl_beta = 0.0  # weight of the k3 KL to a frozen reference policy (Tunix: beta); 0: none
+    c.grpo.reference = ""  # the reference: a run directory's newest checkpoint; "": this run's SFT checkpoint
+    c.grpo.dr_grpo = False  # Dr. GRPO: advantages r - mean (no std), no length normalisation (Tunix: done_right)
+    c.grpo.temperature = 1.0  # rollout sampling temperature (the policy whose ratio is clipped)
+    c.grpo.format_reward = 0.0  # an unsolved chain earns this x its fraction of valid steps; 0: verifier only
     return c
 
 

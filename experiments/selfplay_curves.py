@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/countdown_tiny.py")
     p.add_argument("--out", required=True)
-    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS + ("grpo",))
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="an extra run from the same SFT start: a name, then its config overrides "
                         "(repeatable), e.g. --variant no_rescale search.rescale_values=False")

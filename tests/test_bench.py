@@ -117,7 +117,7 @@ def test_selfplay_bench_writes_phases_and_peak_memory(tmp_path):
     result = run_selfplay_bench(str(out), overrides=SMALL_LOOP, workdir=str(workdir))
     written = json.loads(out.read_text())
     assert written["iterations"] == 1 and written["episodes_per_iteration"] == 8
-    for key in ("episodes_per_s", "learner_steps_per_s", "loop_seconds", "peak_rss_gib"):
+    for key in ("episodes_per_s", "learner_steps_per_s", "learner_tokens_per_s", "loop_seconds", "peak_rss_gib"):
         _positive(written[key], key)
     assert set(written["phase_fraction"]) == {"selfplay", "learning", "evaluation", "checkpointing"}
     assert abs(sum(written["phase_fraction"].values()) - 1) < 1e-6
@@ -126,3 +126,17 @@ def test_selfplay_bench_writes_phases_and_peak_memory(tmp_path):
     # The kept run refuses to be timed again (a resumed run would time nothing).
     with pytest.raises(ConfigError, match="not empty"):
         run_selfplay_bench(str(out), overrides=SMALL_LOOP, workdir=str(workdir))
+
+
+def test_selfplay_bench_of_grpo_from_the_command_line(tmp_path):
+    """``alphareason bench selfplay --config configs/countdown_tiny_grpo.py``: rollouts/s and learner tokens/s."""
+    from alphareason.cli import main
+    out = tmp_path / "grpo.json"
+    overrides = [f"--config.{o}" for o in SMALL_LOOP + ["train.steps=200", "grpo.format_reward=0.5"]]
+    assert main(["bench", "selfplay", "--config", "configs/countdown_tiny_grpo.py", "--out", str(out)]
+                + overrides) == 0
+    written = json.loads(out.read_text())
+    assert written["algorithm"] == "grpo" and written["group_size"] == 8
+    for key in ("rollouts_per_s", "episodes_per_s", "learner_tokens_per_s", "learner_steps_per_s",
+                "selfplay_token_forwards", "learner_token_forwards", "peak_rss_gib"):
+        _positive(written[key], key)

@@ -6,6 +6,10 @@ the AlphaZero loop (``train.loop.run_training``) with the default config
 from that one run on this machine:
 
 * self-play episodes/s and learner steps/s (per iteration and overall);
+  with ``selfplay.algorithm=grpo`` (``--config configs/countdown_tiny_grpo.py``)
+  also rollouts (chains) per second; for every algorithm the learner's
+  token forwards per second (every row of every pass through the model,
+  padding included) and the run's compute in token forwards;
 * the fraction of the loop's wall time spent in self-play, learning,
   evaluation and checkpointing (SFT warm start reported separately);
 * the peak resident memory of the process (RSS; target <= 4 GiB for the
@@ -71,7 +75,8 @@ def run_selfplay_bench(out_path: str, *, config_path: str = "configs/countdown_t
     loop_seconds = sum(phases.values())
     sp = config.selfplay
     episodes = sum(r.get("selfplay_episodes", 0) for r in selfplay)
-    learner_steps = len(selfplay) * sp.learner_steps
+    learner_steps = sum(r.get("learner_steps", sp.learner_steps) for r in selfplay)  # GRPO: varies per iteration
+    totals = evals[-1] if evals else {}
     rss = peak_rss_bytes()
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -81,10 +86,16 @@ def run_selfplay_bench(out_path: str, *, config_path: str = "configs/countdown_t
         "episodes_per_iteration": sp.episodes_per_iteration, "num_simulations": config.search.num_simulations,
         "num_candidates": config.search.num_candidates, "learner_steps_per_iteration": sp.learner_steps,
         "learner_batch_size": sp.learner_batch_size,
+        "algorithm": sp.algorithm,
         "episodes_per_s": episodes / max(phases["selfplay"], 1e-9),
         "learner_steps_per_s": learner_steps / max(phases["learning"], 1e-9),
+        "learner_tokens_per_s": totals.get("learner_token_forwards", 0) / max(phases["learning"], 1e-9),
+        "selfplay_token_forwards": totals.get("selfplay_token_forwards", 0),
+        "learner_token_forwards": totals.get("learner_token_forwards", 0),
         "per_iteration": [{k: r[k] for k in ("step", "selfplay_seconds", "learn_seconds", "episodes_per_s",
-                                             "learner_steps_per_s") if k in r} for r in selfplay],
+                                             "learner_steps_per_s", "learner_tokens_per_s", "learner_steps",
+                                             "rollouts_per_s", "selfplay_solve_rate") if k in r}
+                          for r in selfplay],
         "loop_seconds": loop_seconds,
         "phase_seconds": phases,
         "phase_fraction": {k: v / max(loop_seconds, 1e-9) for k, v in phases.items()},
@@ -94,10 +105,15 @@ def run_selfplay_bench(out_path: str, *, config_path: str = "configs/countdown_t
         "solve_rates": [{k: r[k] for k in ("step", "greedy_solve_rate", "mcts_solve_rate")} for r in evals],
         "note": "the first iteration's phases include compilation",
     }
+    if sp.algorithm == "grpo":
+        rollouts = sum(r.get("rollouts", 0) for r in selfplay)
+        result.update(rollouts_per_s=rollouts / max(phases["selfplay"], 1e-9), group_size=config.grpo.group_size,
+                      grpo={k: v for k, v in config.grpo.items()})
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"self-play {result['episodes_per_s']:.2f} episodes/s, learner {result['learner_steps_per_s']:.2f} "
-          f"steps/s; loop time: " + ", ".join(f"{k} {v:.0%}" for k, v in result["phase_fraction"].items())
+    rollouts = f" ({result['rollouts_per_s']:.1f} rollouts/s)" if "rollouts_per_s" in result else ""
+    print(f"self-play {result['episodes_per_s']:.2f} episodes/s{rollouts}, learner {result['learner_steps_per_s']:.2f} "
+          f"steps/s ({result['learner_tokens_per_s']:.0f} tokens/s); loop time: " + ", ".join(f"{k} {v:.0%}" for k, v in result["phase_fraction"].items())
           + f"; peak RSS {result['peak_rss_gib']:.2f} GiB (target <= 4)")
     return result

@@ -25,7 +25,11 @@ Algorithms (``selfplay.algorithm``), all under the same compute accounting:
     (+ optional SFT term);
   * ``expert_iteration``: SFT on the trajectories that search solved (ReST /
     STaR style), value to outcome;
-  * ``sft_only``: no search; the learner continues SFT on demonstrations.
+  * ``sft_only``: no search; the learner continues SFT on demonstrations;
+  * ``grpo``: no search; G chains per problem from the policy, rewarded by the
+    verifier, and the clipped group-relative policy gradient
+    (``train.grpo``: its actor, buffer and learner; the loop's problems,
+    checkpoints, metrics, evaluation and resume are shared).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -47,18 +52,19 @@ from alphareason.eval.heldout import EvalSettings, Evaluator, write_results
 from alphareason.eval.value import calibration, flat_metrics, value_report
 from alphareason.model import count_params
 from alphareason.parallel import make_mesh, replicate, shard_batch
-from alphareason.run import (checkpoint_dir, dataset, env_config, make_model_config, make_optimizer, make_task,
-                             search_config, split_problems, traces)
+from alphareason.run import (checkpoint_dir, dataset, env_config, load_model, make_model_config, make_optimizer,
+                             make_task, search_config, split_problems, traces)
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.mcts import Searcher
 from alphareason.tasks import Task
+from alphareason.train import grpo
 from alphareason.train.learner import POLICY_TARGETS, VALUE_TARGETS, selfplay_loss
 from alphareason.train.metrics import MetricsWriter, read_metrics
 from alphareason.train.progress import Progress
 from alphareason.train.replay import ReplayBuffer
 from alphareason.train.sft import TrainingDiverged, train_sft
 
-ALGORITHMS = ("alphazero", "expert_iteration", "sft_only")
+ALGORITHMS = ("alphazero", "expert_iteration", "sft_only", "grpo")
 # Cumulative counters of a run (checkpointed): episodes' token forwards as charged by the search and as computed
 # (padding and finished rows included), the learner's (3 per token for forward + backward), examples learned from.
 TOTALS = ("selfplay_token_forwards", "selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
@@ -74,8 +80,10 @@ def validate_config(config: ConfigDict, task: Task) -> None:
         raise ConfigError(f"selfplay.value_target={sp.value_target!r}; choose one of {', '.join(VALUE_TARGETS)}")
     if sp.iterations < 0 or sp.episodes_per_iteration <= 0 or sp.actor_batch_size <= 0:
         raise ConfigError("selfplay.iterations must be >= 0 and episodes_per_iteration, actor_batch_size > 0")
+    if sp.algorithm == "grpo":
+        grpo.grpo_settings(config, task)  # its own checks first: GRPO has no token-level policy
     moves_per_iteration = sp.episodes_per_iteration * task.max_steps
-    if sp.algorithm != "sft_only" and sp.replay_capacity < moves_per_iteration:
+    if sp.algorithm not in ("sft_only", "grpo") and sp.replay_capacity < moves_per_iteration:
         raise ConfigError(
             f"selfplay.replay_capacity={sp.replay_capacity} is smaller than one iteration's data (up to "
             f"{sp.episodes_per_iteration} episodes x {task.max_steps} moves = {moves_per_iteration}); raise it "
@@ -153,7 +161,7 @@ class IterationState:
     """What the loop carries from one iteration to the next (and what a checkpoint restores)."""
 
     state: Any  # nnx.State of (model, optimizer)
-    replay: ReplayBuffer
+    replay: ReplayBuffer | grpo.RolloutBuffer  # GRPO: the iteration's rollouts
     iteration: int = 0  # iterations completed
     totals: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
 
@@ -172,20 +180,36 @@ class SelfPlayLoop:
         sp = config.selfplay
         self.config, self.workdir, self.task, self.progress, self.log = config, workdir, task, progress, log
         self.seq_len = model.config.max_len
+        self.mesh = make_mesh()  # learner batches split over the data axis; parameters replicated
+        settings = grpo.grpo_settings(config, task) if sp.algorithm == "grpo" else None
+        learner_steps = (grpo.steps_per_iteration(settings, sp.episodes_per_iteration * settings.group_size)
+                         if settings else sp.learner_steps)
         optimizer = make_optimizer(model, learning_rate=sp.learning_rate,
-                                   steps=max(sp.iterations * sp.learner_steps, 2),
-                                   warmup_steps=min(50, sp.learner_steps), weight_decay=config.train.weight_decay,
+                                   steps=max(sp.iterations * learner_steps, 2),
+                                   warmup_steps=min(50, learner_steps), weight_decay=config.train.weight_decay,
                                    grad_clip=config.train.grad_clip)
         self.graphdef, state = nnx.split((model, optimizer))
-        searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config), seq_len=self.seq_len)
-        replay = ReplayBuffer(sp.replay_capacity, seq_len=self.seq_len, num_candidates=searcher.num_candidates,
-                              step_len=task.max_step_len, value_lambda=sp.value_lambda)
+        self.grpo, self.reference = None, None
+        if settings:  # GRPO: its actor and learner; a rollout buffer instead of replay
+            self.grpo = grpo.GRPO(task, nnx.split(model)[0], self.graphdef, settings, seq_len=self.seq_len,
+                                  traces=traces(config), place=lambda tree: shard_batch(tree, self.mesh))
+            replay = self.grpo.buffer(sp.episodes_per_iteration)
+            if settings.kl_beta:  # the frozen reference: grpo.reference's newest checkpoint, or this run's SFT
+                ref_model = load_model(config, config.grpo.reference or workdir,
+                                       phase=None if config.grpo.reference else "sft")[0]
+                self.reference = replicate(nnx.state(ref_model), self.mesh)
+        else:
+            searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config),
+                                seq_len=self.seq_len)
+            replay = ReplayBuffer(sp.replay_capacity, seq_len=self.seq_len, num_candidates=searcher.num_candidates,
+                                  step_len=task.max_step_len, value_lambda=sp.value_lambda)
+            self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
+                                          place=lambda tree: shard_batch(tree, self.mesh))  # problems over data
         self.ckpt = Checkpointer(checkpoint_dir(workdir, "selfplay"))
         self.writer = MetricsWriter(workdir)
         self.it = IterationState(state=state, replay=replay)
         if self.ckpt.latest_step() is not None:
             self._restore()
-        self.mesh = make_mesh()  # learner batches split over the data axis; parameters replicated
         self.it.state = replicate(self.it.state, self.mesh)
         validation = split_problems(config, workdir, "validation")
         self.eval_problems = validation[: config.eval.num_problems]
@@ -198,9 +222,7 @@ class SelfPlayLoop:
                                                           search=search, traces=traces(config))),
             "mcts": Evaluator(model, task, EvalSettings(strategy="mcts", batch_size=batch, env=env_config(config),
                                                         search=search))}
-        self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
-                                      place=lambda tree: shard_batch(tree, self.mesh))  # problems over the data axis
-        self.learner_step = make_learner_step(self.graphdef, config, task)
+        self.learner_step = self.grpo.learner_step if self.grpo else make_learner_step(self.graphdef, config, task)
         self.demo_task = make_task(config, demonstrations=True)
         self.demonstrations = (dataset(config, workdir, self.demo_task, demonstrations=True).as_data_source(split="train")
                                if sp.algorithm == "sft_only" else None)
@@ -226,6 +248,8 @@ class SelfPlayLoop:
         config, sp, task = self.config, self.config.selfplay, self.task
         if sp.algorithm == "sft_only":
             return {}
+        if self.grpo is not None:
+            return self._grpo_selfplay(it)
         t0 = time.time()
         problems = selfplay_problems(task, config, it, self.exclude)
         params = nnx.state(self.model)
@@ -262,9 +286,47 @@ class SelfPlayLoop:
         batch = self.episodes.run(params, padded, key, problem_ids=np.arange(first_id, first_id + B))
         return _truncate(batch, len(problems))
 
+    def _grpo_selfplay(self, it: int) -> dict[str, Any]:
+        """GRPO's actors: G chains for each of ``episodes_per_iteration`` fresh problems, into the rollout buffer."""
+        config, sp = self.config, self.config.selfplay
+        t0 = time.time()
+        problems = selfplay_problems(self.task, config, it, self.exclude)
+        params = nnx.state(self.model)
+        bar = Progress(total=len(problems), desc=f"iter {it}/{sp.iterations} rollouts", enabled=self.progress,
+                       unit="problem")
+        key = jax.random.key(config.seed * 7919 + it)
+        self.it.replay.clear()
+        forwards = 0
+        for start in range(0, len(problems), sp.actor_batch_size):
+            chunk = problems[start: start + sp.actor_batch_size]
+            rows = self.play_groups(params, chunk, key, start)
+            self.it.replay.add(rows)
+            forwards += int(rows["token_forwards"].sum())
+            bar.update(len(chunk))
+        bar.close()
+        self.it.totals["selfplay_token_forwards"] += forwards
+        seconds = time.time() - t0
+        chains = self.it.replay.size
+        return {**grpo.rollout_metrics(self.it.replay, self.grpo.settings.group_size),
+                "selfplay_episodes": len(problems), "rollouts": chains, "rollout_token_forwards": forwards,
+                "selfplay_seconds": seconds, "rollouts_per_s": chains / max(seconds, 1e-9)}
+
+    def play_groups(self, params, problems: list[dict], key, first_id: int) -> dict[str, Any]:
+        """One GRPO actor batch: G chains for each of ``problems`` (padded to ``actor_batch_size``), padding dropped.
+
+        Problem ``i`` of the iteration samples with ``fold_in(key, i)``."""
+        B, G = self.config.selfplay.actor_batch_size, self.grpo.settings.group_size
+        padded = problems + [problems[0]] * (B - len(problems))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(first_id, first_id + B))
+        rows = self.grpo.play(params, padded, keys)
+        n = len(problems)
+        return {k: v[:n] if k == "token_forwards" else v[: n * G] for k, v in rows.items()}
+
     def learn(self, it: int) -> dict[str, Any]:
         """``learner_steps`` steps on batches from the replay buffer (or demonstrations: ``sft_only``)."""
         config, sp = self.config, self.config.selfplay
+        if self.grpo is not None:
+            return self._grpo_learn(it)
         t0 = time.time()
         rng = np.random.default_rng([config.seed, it, 1])
         bar = Progress(total=sp.learner_steps, desc=f"iter {it}/{sp.iterations} learning", enabled=self.progress)
@@ -272,24 +334,46 @@ class SelfPlayLoop:
         if self.demonstrations is not None:
             demo_iter = BatchIterator(self.demonstrations, self.demo_task, batch_size=sp.learner_batch_size,
                                       seq_len=self.seq_len, seed=config.seed + it, position=0)
-        pending = []
+        pending, forwards = [], 0
         for _ in range(sp.learner_steps):
             batch = _learner_batch(self.it.replay, rng, sp, self.task, demo_iter)
             if batch is None:
                 break
             pending.append(self.learn_step(batch))
-            self.it.totals["learner_token_forwards"] += learner_token_forwards(batch)
+            forwards += learner_token_forwards(batch)
             bar.update(1)
         bar.close()
-        learn = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]} if pending else {}
-        if learn and not np.isfinite(learn["loss"]):
-            raise TrainingDiverged(
-                f"self-play learner loss became {learn['loss']} in iteration {it}; the checkpoint after "
-                f"iteration {it - 1} is kept. Lower --config.selfplay.learning_rate and rerun to resume.")
+        learn = _mean_metrics(pending, it)
         self.it.totals["learner_examples"] += len(pending) * sp.learner_batch_size
+        self.it.totals["learner_token_forwards"] += forwards
         seconds = time.time() - t0
         return {**{f"learn_{k}": v for k, v in learn.items()}, "learn_seconds": seconds,
-                "learner_steps_per_s": len(pending) / max(seconds, 1e-9)}
+                "learner_steps_per_s": len(pending) / max(seconds, 1e-9),
+                "learner_tokens_per_s": forwards / max(seconds, 1e-9)}
+
+    def _grpo_learn(self, it: int) -> dict[str, Any]:
+        """GRPO's learner: the rollout policy's log-probabilities, then ``updates_per_batch`` epochs of minibatches."""
+        config, sp = self.config, self.config.selfplay
+        t0 = time.time()
+        rng = np.random.default_rng([config.seed, it, 1])
+        data, forwards = self.grpo.learner_data(self.it.replay, nnx.state(self.model), self.reference)
+        chains = len(data["advantage"])
+        steps = self.grpo.settings.updates_per_batch * -(-chains // sp.learner_batch_size)
+        bar = Progress(total=steps, desc=f"iter {it}/{sp.iterations} learning", enabled=self.progress)
+        pending = []
+        for batch in self.grpo.minibatches(data, rng):
+            pending.append(self.learn_step(batch))
+            forwards += 3 * self.grpo.learner_forwards(batch)  # forward and backward, as learner_token_forwards
+            bar.update(1)
+        bar.close()
+        learn = _mean_metrics(pending, it)
+        self.it.totals["learner_examples"] += chains * self.grpo.settings.updates_per_batch
+        self.it.totals["learner_token_forwards"] += forwards
+        seconds = time.time() - t0
+        return {**{f"learn_{k}": v for k, v in learn.items()}, "learner_steps": len(pending),
+                "learner_chains": chains, "learner_token_forwards": forwards, "learn_seconds": seconds,
+                "learner_steps_per_s": len(pending) / max(seconds, 1e-9),
+                "learner_tokens_per_s": forwards / max(seconds, 1e-9)}
 
     def learn_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One jitted learner step on a host batch (sharded over the mesh's data axis); returns its metrics."""
@@ -379,6 +463,16 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
     log(format_iterations(rows, config, time.time() - t_start))
     return {"iterations": rows, "parameters": count_params(sft.model)}
 
+
+
+def _mean_metrics(pending: list[dict[str, Any]], it: int) -> dict[str, float]:
+    """The mean of each learner metric over an iteration's steps; a non-finite loss stops the run."""
+    learn = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]} if pending else {}
+    if learn and not np.isfinite(learn["loss"]):
+        raise TrainingDiverged(
+            f"self-play learner loss became {learn['loss']} in iteration {it}; the checkpoint after "
+            f"iteration {it - 1} is kept. Lower --config.selfplay.learning_rate and rerun to resume.")
+    return learn
 
 
 def _truncate(batch, n: int):
