@@ -179,7 +179,7 @@ class ScriptedModel:
         return self.logits_at(lengths), lengths.astype(jnp.float32), FedCache(fed, lengths)
 
 
-def calculator(step_tokens, length):
+def calculator(state, step_tokens, length):
     """Adds the two one-digit operands of ``a+b=``: forces the sum's digit and SEP."""
     total = step_tokens[:, 0] - DIGIT0 + step_tokens[:, 2] - DIGIT0
     forced = jnp.stack([DIGIT0 + total % 10, jnp.full_like(total, SEP), jnp.full_like(total, PAD)], axis=1)

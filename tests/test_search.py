@@ -3,9 +3,12 @@
 Compiling a search dominates the run time on a CPU, so the module compiles
 few of them and shares them (module-scoped ``searchers``):
 
-* ``sample``: the default setting (Gumbel MuZero over K = 4 sampled steps),
-  exactly the micro config's search with 8 simulations, so the CLI tests'
-  searches (batch 1 and 3) hit the same compiled programs (persistent cache);
+* ``distinct``: the default setting (Gumbel MuZero over K = 4 distinct
+  sampled steps), exactly the micro config's search with 8 simulations, so
+  the CLI tests' searches (batch 1 and 3) hit the same compiled programs
+  (persistent cache);
+* ``sample``: the same with K independent samples (duplicates masked), the
+  search as it was before distinct candidates: its golden tree is today's;
 * ``enumerate``: PUCT over the task's legal steps, length-normalised priors;
 * ``tokens``: token-level PUCT (S = 1, K = vocabulary) with a depth limit.
 
@@ -45,7 +48,8 @@ SEED = 2  # the pinned key: jax.random.key(SEED), split over the problems
 # The micro config's search (helpers.micro_config) with 8 simulations: what
 # `alphareason search/eval --simulations 8` builds for a micro workdir.
 SETTINGS = {
-    "sample": (EnvConfig(num_candidates=4), SearchConfig(num_simulations=8, max_num_considered_actions=4)),
+    "distinct": (EnvConfig(num_candidates=4), SearchConfig(num_simulations=8, max_num_considered_actions=4)),
+    "sample": (EnvConfig(num_candidates=4, distinct=False), SearchConfig(num_simulations=8, max_num_considered_actions=4)),
     "enumerate": (EnvConfig(candidates="enumerate", length_normalize=True),
                   SearchConfig(policy="puct", num_simulations=12)),
     "tokens": (EnvConfig(candidates="tokens"), SearchConfig(policy="puct", num_simulations=16, max_depth=2)),
@@ -150,23 +154,27 @@ def visited_edges(t, b):
     return edges
 
 
-def node_cost(emb, b, i):
-    """What expanding node i must cost: nothing when terminal, else its prefix plus the decoded candidate
-    tokens (counted from the candidates themselves, not from the node's own record)."""
+def node_cost(t, b, i, mode):
+    """What expanding node i must need, counted from the tree itself (not from the node's own record):
+    nothing when terminal; else the tokens new to the model (the prompt at the root, the node's step on
+    its parent's cache below it; enumerated steps re-read the whole prefix) plus the candidate tokens
+    decoded (none for token actions, whose candidates are the vocabulary)."""
+    emb = t.embeddings
     if emb.done[b, i]:
         return 0
-    token_level = emb.candidates.shape[-1] == 1  # the candidates are the vocabulary: nothing decoded
-    return int(emb.length[b, i]) + (0 if token_level else int(np.sum(emb.candidates[b, i] != tok.PAD)))
+    parent = int(t.parents[b, i])
+    new = int(emb.length[b, i]) - (int(emb.length[b, parent]) if i > 0 and mode != "enumerate" else 0)
+    return new + (0 if mode == "tokens" else int(np.sum(emb.candidates[b, i] != tok.PAD)))
 
 
-def expected_forwards(t, b):
+def expected_forwards(t, b, mode):
     """Sum over nodes of expansions x cost, from the tree's visit counts (not ``node_expansions``)."""
     total = 0
     for i in range(t.node_visits.shape[1]):
         n = int(t.node_visits[b, i])
         if n:
             expansions = n - int(t.children_visits[b, i].sum())
-            total += expansions * node_cost(t.embeddings, b, i)
+            total += expansions * node_cost(t, b, i, mode)
     return total
 
 
@@ -398,18 +406,25 @@ def test_export_needs_the_tree(setup, results):
 
 
 # ------------------------------------------------------------------ compute accounting
-def test_enumerated_search_computes_exactly_what_it_accounts(setup, results):
-    """Counted by a wrapper around the model (every prefix and candidate token it is given): enumerated
-    steps cost one pass over prefix + candidates per expansion, no separate prefill; same tree."""
+@pytest.mark.parametrize("name", ["distinct", "enumerate", "tokens"])
+def test_searches_compute_exactly_what_they_account(setup, results, name):
+    """An independent count by a wrapper around the model (every call's full shape: padding, rows that ride
+    along and finished candidates included) equals the computed figure the search reports, and the tokens
+    it needed equal the needed figure (enumerated steps: the scorer's prefixes of idle rows are counted too,
+    so only the computed figure is compared). Token-level search re-evaluates nodes at the depth limit: each
+    evaluation is counted. Same trees as without the counter."""
     from alphareason.eval.budget import TokenCounter, TokenCountingModel
     counter = TokenCounter()
     graphdef, params = nnx.split(TokenCountingModel(nnx.merge(setup["graphdef"], setup["params"]), counter))
-    env, search = SETTINGS["enumerate"]
+    env, search = SETTINGS[name]
     searcher = Searcher(setup["task"], graphdef, env, search, seq_len=setup["seq_len"], keep_tree=True)
     inputs = jax.tree.map(jnp.asarray, searcher.env.initial(setup["problems"]))
     counted = searcher(params, jax.random.split(jax.random.key(SEED), 3), inputs)
-    assert counter.total == int(counted.computed_token_forwards.sum()) > 0
-    np.testing.assert_array_equal(counted.visit_counts, results("enumerate").visit_counts)
+    assert counter.computed == int(counted.computed_token_forwards.sum()) > counter.needed > 0
+    if name != "enumerate":
+        assert counter.needed == int(counted.token_forwards.sum())
+    np.testing.assert_array_equal(counted.visit_counts, results(name).visit_counts)
+    np.testing.assert_array_equal(counted.computed_token_forwards, results(name).computed_token_forwards)
 
 
 @pytest.mark.parametrize("name", ["sample", "enumerate", "tokens"])
@@ -417,9 +432,9 @@ def test_token_forwards_are_the_sum_of_node_expansions(setup, results, name):
     t = numpy_tree(results(name))
     res = results(name)
     for b in range(3):
-        assert int(res.token_forwards[b]) == expected_forwards(t, b)
+        assert int(res.token_forwards[b]) == expected_forwards(t, b, SETTINGS[name][0].candidates)
         for i in np.nonzero(t.node_visits[b])[0]:
-            assert int(t.embeddings.token_forwards[b, i]) == node_cost(t.embeddings, b, i)
+            assert int(t.embeddings.token_forwards[b, i]) == node_cost(t, b, i, SETTINGS[name][0].candidates)
     if name == "tokens":  # the depth limit: nodes at depth 2 are evaluated again on every visit
         assert np.all(t.embeddings.depth[t.node_visits > 0] <= 2)
         cut = (t.node_visits > 0) & (t.embeddings.depth == 2) & ~t.embeddings.done
@@ -495,8 +510,10 @@ def _token_node(env, state):
     return Node(tokens=state["tokens"], length=state["length"], step_start=state["step_start"],
                 depth=state["depth"], task_state=state["task_state"], done=state["done"], solved=state["solved"],
                 candidates=jnp.arange(V, dtype=jnp.int32)[None, :, None], cand_length=jnp.ones((1, V), jnp.int32),
-                cand_valid=jnp.ones((1, V), bool), cand_logprob=jnp.zeros((1, V)),
-                token_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)))
+                cand_valid=jnp.ones((1, V), bool), cand_logprob=jnp.zeros((1, V)), cand_log_inclusion=jnp.zeros((1, V)),
+                cand_value_logits=jnp.zeros((1, V)), token_forwards=jnp.zeros((1,), jnp.int32),
+                computed_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)),
+                fresh=jnp.ones((1,), bool))
 
 
 def test_token_level_root_masks_exactly_the_tokens_that_cannot_continue(setup, results):
@@ -540,7 +557,7 @@ def test_episodes_record_moves_verdicts_and_exact_compute(setup, searchers, name
         t = numpy_tree(res)
         for b in range(3):
             if move.active[b]:
-                expected[b] += expected_forwards(t, b)
+                expected[b] += expected_forwards(t, b, SETTINGS[name][0].candidates)
                 if m + 1 < len(out.moves) and name != "tokens":  # the next state = this state + the chosen step
                     step = move.candidates[b, move.action[b]]
                     n, nxt = move.length[b], out.moves[m + 1]
@@ -623,8 +640,10 @@ def test_a_chain_that_would_overflow_the_context_ends(setup):
                     depth=state["depth"], task_state=state["task_state"], done=state["done"],
                     solved=state["solved"], candidates=jnp.concatenate([cand, cand], 1),
                     cand_length=jnp.full((1, 2), len(tok.encode(text))), cand_valid=jnp.ones((1, 2), bool),
-                    cand_logprob=jnp.zeros((1, 2)), token_forwards=jnp.zeros((1,), jnp.int32),
-                    network_value=jnp.zeros((1,)))
+                    cand_logprob=jnp.zeros((1, 2)), cand_log_inclusion=jnp.zeros((1, 2)),
+                    cand_value_logits=jnp.zeros((1, 2)), token_forwards=jnp.zeros((1,), jnp.int32),
+                    computed_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)),
+                    fresh=jnp.ones((1,), bool))
         nxt = transition(node, jnp.zeros((1,), jnp.int32))
         done.append(bool(nxt["done"][0]))
         state = {k: nxt[k] for k in ("tokens", "length", "step_start", "task_state", "done", "solved", "depth")}

@@ -33,6 +33,13 @@ Randomness: problem ``b``'s key is ``keys[b]``; lane ``j`` uses
 chains do not depend on its batch, and the first ``n`` lanes of an N-lane
 decode (without beam search and budget) are an n-lane decode's.
 
+Compute: ``spent`` counts the tokens a problem needed (its prompt and every
+token its lanes wrote); ``computed`` every lane the hardware pushed through
+the network for it: the prompt's padded width T, and for every round each
+lane's share of the step loop (its row group's iterations, finished and
+cut lanes included). With ``group_rows`` the lanes run in groups that stop
+separately (``model.sample_step``).
+
 Shapes: ``B`` problems, ``N`` lanes per problem, ``T`` the context, ``S``
 the tokens per step.
 """
@@ -87,8 +94,10 @@ class ChainDecoder:
     its ``max_steps``.
     """
 
-    def __init__(self, task: Task, graphdef, *, seq_len: int, traces: bool = False, max_steps: int | None = None):
+    def __init__(self, task: Task, graphdef, *, seq_len: int, traces: bool = False, max_steps: int | None = None,
+                 group_rows: int | None = None):
         self.task, self.graphdef, self.seq_len, self.traces = task, graphdef, seq_len, traces
+        self.group_rows = group_rows
         self.max_steps = max_steps or (task.max_trace_steps if traces else task.max_steps)
         self._jitted = jax.jit(self._decode, static_argnames=("lanes", "beam_width", "greedy", "top_p"))
 
@@ -111,7 +120,10 @@ class ChainDecoder:
           logprob f32[B, N]: of the model-written tokens;
           cut bool[B, N]: a step was refused for lack of budget;
           spent int32[B]: prompt + every decoded token of the problem;
-          lane_forwards int32[B, N]: decoded tokens per lane; prompt int32[B].
+          lane_forwards int32[B, N]: decoded tokens per lane; prompt int32[B];
+          computed int32[B]: token forwards computed for the problem (the
+          padded prompt and every lane's loop iterations); lane_computed
+          int32[B, N] and prompt_computed int32[B], its parts.
         """
         return self._jitted(params, keys, inputs["tokens"], inputs["length"], inputs["task_state"],
                             jnp.int32(NO_BUDGET if budget is None else budget),
@@ -132,6 +144,7 @@ class ChainDecoder:
                      tokens=rep(tokens), length=rep(length), state=jax.tree.map(rep, task_state),
                      done=jnp.zeros((BN,), bool), solved=jnp.zeros((BN,), bool), holds=jnp.ones((BN,), bool),
                      cut=jnp.zeros((BN,), bool), lane_forwards=jnp.zeros((BN,), jnp.int32),
+                     lane_computed=jnp.zeros((BN,), jnp.int32),
                      logprob=jnp.zeros((BN,), jnp.float32), spent=length.astype(jnp.int32))
 
         def reselect(c):
@@ -164,7 +177,8 @@ class ChainDecoder:
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(lane_keys, r)
             sample = sample_step(model, c["cache"], c["logits"], step_keys, max_step_len=S,
                                  temperature=temperature, top_p=top_p, greedy=greedy,
-                                 tool=task_tool(task, c["state"]), value_logits=c["value_logits"], active=allowed)
+                                 tool=task_tool(task, c["state"]), value_logits=c["value_logits"], active=allowed,
+                                 group_rows=self.group_rows)
             new_state, valid, step_done, reward = jax.vmap(task.step)(c["state"], sample.tokens)
 
             def keep(new, old):
@@ -181,7 +195,7 @@ class ChainDecoder:
                 solved=jnp.where(allowed, reward > 0, c["solved"]),
                 done=done | cut | (allowed & ends),
                 holds=c["holds"] & ~cut, cut=c["cut"] | cut,
-                lane_forwards=c["lane_forwards"] + written,
+                lane_forwards=c["lane_forwards"] + written, lane_computed=c["lane_computed"] + sample.lane_forwards,
                 logprob=c["logprob"] + jnp.where(allowed, sample.logprob, 0.0),
                 spent=c["spent"] + written.reshape(B, N).sum(axis=1),
                 logits=sample.logits, value_logits=sample.value_logits, cache=sample.cache)
@@ -194,4 +208,6 @@ class ChainDecoder:
                 "value": shape(jax.nn.sigmoid(c["value_logits"].astype(jnp.float32))),
                 "solved": shape(c["solved"] & c["done"]), "done": shape(c["done"]), "logprob": shape(c["logprob"]),
                 "spent": c["spent"], "lane_forwards": shape(c["lane_forwards"]), "prompt": length.astype(jnp.int32),
-                "cut": shape(c["cut"])}
+                "cut": shape(c["cut"]), "lane_computed": shape(c["lane_computed"]),
+                "prompt_computed": jnp.full((B,), tokens.shape[1], jnp.int32),
+                "computed": tokens.shape[1] + shape(c["lane_computed"]).sum(axis=1)}
