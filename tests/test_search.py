@@ -196,7 +196,13 @@ def no_compilation(caplog):
 
 # ------------------------------------------------------------------ golden trees
 def test_golden_tree_gumbel_sampled_steps(setup, results):
+    """K independent samples per node: today's tree (and, before tree KV reuse, yesterday's)."""
     golden("gumbel", summary_of(results("sample"), setup, "gumbel"))
+
+
+def test_golden_tree_gumbel_distinct_sampled_steps(setup, results):
+    """The default: K distinct steps per node, drawn without replacement."""
+    golden("gumbel_distinct", summary_of(results("distinct"), setup, "gumbel"))
 
 
 def test_golden_tree_puct_enumerated_steps(setup, results):
@@ -215,8 +221,8 @@ def test_golden_tree_token_level_with_depth_limit(setup, results):
 
 
 def test_batch_of_one_gives_the_same_tree_as_a_batch_of_many(setup, searchers, results):
-    many = results("sample")
-    s = searchers("sample")
+    many = results("distinct")
+    s = searchers("distinct")
     keys = jax.random.split(jax.random.key(SEED), 3)
     for b, problem in enumerate(setup["problems"]):
         inputs = jax.tree.map(jnp.asarray, s.env.initial([problem]))
@@ -249,7 +255,8 @@ def check_masking(result, *, where):
             logits = t.children_prior_logits[b, i]
             if i > 0:  # the root's logits are mctx's (masked, and noised for PUCT)
                 np.testing.assert_array_equal(logits[~valid], NEG_INF)
-                np.testing.assert_array_equal(logits[valid], emb.cand_logprob[b, i][valid])
+                prior = emb.cand_logprob[b, i] - emb.cand_log_inclusion[b, i]  # corrected for distinct draws
+                np.testing.assert_array_equal(logits[valid], prior[valid])
             elif valid.any():
                 assert np.all(logits[~valid] <= NEG_INF)
             if valid.any() and not emb.done[b, i]:
@@ -269,7 +276,8 @@ def test_invalid_and_duplicate_candidates_are_never_chosen(setup, results, train
     task = setup["task"]
     problems = task.generate(1, 12)
     cases = {"random model, sampled": ("sample", None), "trained model, sampled": ("sample", trained["params"]),
-             "enumerated": ("enumerate", None), "tokens": ("tokens", None)}
+             "trained model, distinct": ("distinct", trained["params"]), "enumerated": ("enumerate", None),
+             "tokens": ("tokens", None)}
     checked = {}
     for case, (name, params) in cases.items():
         checked[case] = sum(
@@ -280,6 +288,7 @@ def test_invalid_and_duplicate_candidates_are_never_chosen(setup, results, train
     assert not t.embeddings.cand_valid[t.node_visits > 0].any()
     # The others had a choice between valid and invalid candidates many times (16, 126 and 45 visits).
     assert checked["trained model, sampled"] >= 5 and checked["enumerated"] >= 30 and checked["tokens"] >= 30
+    assert checked["trained model, distinct"] >= 5
     e = numpy_tree(results("enumerate")).embeddings
     assert (~e.cand_valid[:, 0]).sum() > 0 and e.cand_valid[:, 0].sum() > 0
 
@@ -513,7 +522,7 @@ def _token_node(env, state):
                 cand_valid=jnp.ones((1, V), bool), cand_logprob=jnp.zeros((1, V)), cand_log_inclusion=jnp.zeros((1, V)),
                 cand_value_logits=jnp.zeros((1, V)), token_forwards=jnp.zeros((1,), jnp.int32),
                 computed_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)),
-                fresh=jnp.ones((1,), bool))
+                fresh=jnp.ones((1,), bool), slot=jnp.zeros((1,), jnp.int32))
 
 
 def test_token_level_root_masks_exactly_the_tokens_that_cannot_continue(setup, results):
@@ -643,7 +652,7 @@ def test_a_chain_that_would_overflow_the_context_ends(setup):
                     cand_logprob=jnp.zeros((1, 2)), cand_log_inclusion=jnp.zeros((1, 2)),
                     cand_value_logits=jnp.zeros((1, 2)), token_forwards=jnp.zeros((1,), jnp.int32),
                     computed_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)),
-                    fresh=jnp.ones((1,), bool))
+                    fresh=jnp.ones((1,), bool), slot=jnp.zeros((1,), jnp.int32))
         nxt = transition(node, jnp.zeros((1,), jnp.int32))
         done.append(bool(nxt["done"][0]))
         state = {k: nxt[k] for k in ("tokens", "length", "step_start", "task_state", "done", "solved", "depth")}
@@ -751,3 +760,113 @@ def test_gumbel_improved_policy_follows_the_configured_q_transform(setup):
 def test_search_config_refuses_a_non_positive_value_scale():
     with pytest.raises(ValueError, match="value_scale"):
         SearchConfig(value_scale=0.0)
+
+
+# ------------------------------------------------------------------ the token-forward floor
+def expanded_proposing(t, b, max_depth=None):
+    """Expanded nodes of row b that proposed candidates (not terminal, not at the depth limit)."""
+    emb = t.embeddings
+    return [i for i in range(t.node_visits.shape[1])
+            if t.node_visits[b, i] > 0 and not emb.done[b, i] and (max_depth is None or emb.depth[b, i] < max_depth)]
+
+
+def test_every_expanded_node_offers_k_distinct_candidates(setup, results, trained):
+    """Distinct sampling: every expanded node's K candidates are K different steps (every token has a nonzero
+    probability under these networks, so at least K steps exist). Independent samples from the trained
+    network repeat its favourite step: fewer distinct children."""
+    task = setup["task"]
+    distinct_counts = {}
+    for name in ("distinct", "sample"):
+        counts = []
+        for seed in range(2):
+            res = results(name, params=trained["params"], problems=task.generate(1, 12)[3 * seed: 3 * seed + 3],
+                          seed=seed)
+            t = numpy_tree(res)
+            emb = t.embeddings
+            for b in range(3):
+                for i in expanded_proposing(t, b):
+                    steps = {emb.candidates[b, i, k].tobytes() for k in range(4) if emb.cand_length[b, i, k]}
+                    counts.append(len(steps))
+                    if name == "distinct":
+                        assert len(steps) == 4 and (emb.cand_length[b, i] > 0).all(), (b, i)
+        distinct_counts[name] = np.mean(counts)
+    assert distinct_counts["distinct"] == 4 and distinct_counts["sample"] < 4, distinct_counts
+
+
+def test_tree_kv_reuse_gives_the_full_forward(setup, results, trained):
+    """Every node's candidates were sampled on its parent's cache extended by its step (no prefill): their
+    log-likelihoods equal a full forward over the node's tokens and the step, and every node's value (from
+    its parent's sampling, or the root's prefill) equals the full forward's value at its last token."""
+    graphdef, task = setup["graphdef"], setup["task"]
+    params = trained["params"]
+    checked, below_root = 0, 0
+    for seed, b in [(seed, b) for seed in range(2) for b in range(3)]:
+        res = results("distinct", params=params, problems=task.generate(1, 12)[3 * seed: 3 * seed + 3], seed=seed)
+        t = numpy_tree(res)
+        emb = t.embeddings
+        nodes = expanded_proposing(t, b)
+        seqs = []
+        for i in nodes:
+            n = int(emb.length[b, i])
+            for k in range(4):
+                seq = emb.tokens[b, i].copy()
+                seq[n: n + emb.candidates.shape[-1]] = emb.candidates[b, i, k]
+                seqs.append(seq)
+        logits, values = forward(graphdef, params, jnp.asarray(np.stack(seqs)))
+        logp = np.asarray(jax.nn.log_softmax(logits, -1))
+        values = np.asarray(jax.nn.sigmoid(values))
+        for j, i in enumerate(nodes):
+            n = int(emb.length[b, i])
+            np.testing.assert_allclose(emb.network_value[b, i], values[4 * j, n - 1], atol=2e-5)
+            written = ~np.asarray(task.tool_written(jnp.asarray(emb.candidates[b, i])))
+            for k in range(4):
+                m = int(emb.cand_length[b, i, k])
+                want = sum(logp[4 * j + k, n - 1 + s, emb.candidates[b, i, k, s]] for s in range(m) if written[k, s])
+                assert emb.cand_logprob[b, i, k] == pytest.approx(want, rel=1e-4, abs=1e-4), (b, i, k)
+                checked += 1
+            below_root += int(emb.depth[b, i] > 0)
+    assert checked >= 40 and below_root >= 2, (checked, below_root)  # nodes whose prefix came from the pool
+
+
+def test_finished_nodes_cost_nothing(setup, results):
+    """The random network's root candidates are all invalid, so every other node is terminal: the search
+    computes the root's prefill and sampling and nothing else; a terminal node records no work."""
+    res = results("distinct")
+    t = numpy_tree(res)
+    emb = t.embeddings
+    assert emb.done[:, 1:][t.node_visits[:, 1:] > 0].all()
+    np.testing.assert_array_equal(emb.computed_forwards[:, 1:][t.node_visits[:, 1:] > 0], 0)
+    np.testing.assert_array_equal(emb.token_forwards[:, 1:][t.node_visits[:, 1:] > 0], 0)
+    np.testing.assert_array_equal(res.computed_token_forwards, emb.computed_forwards[:, 0])
+    K, S, T = 4, setup["task"].max_step_len, setup["seq_len"]
+    assert (emb.computed_forwards[:, 0] <= T + K * S).all()  # the prompt's padded width + K x the loop's steps
+
+
+def test_a_tree_over_the_memory_budget_is_refused_before_the_search(setup, caplog):
+    task, graphdef, params, T = setup["task"], setup["graphdef"], setup["params"], setup["seq_len"]
+    s = Searcher(task, graphdef, EnvConfig(num_candidates=4), SearchConfig(num_simulations=64, max_tree_gib=0.002),
+                 seq_len=T)
+    inputs = jax.tree.map(jnp.asarray, s.env.initial(setup["problems"]))
+    per_node = s.node_bytes(params)
+    assert per_node >= s.env.slot_bytes(params) == 2 * 2 * T * 32 * 4  # layers x (k, v) x T x d_model x float32
+    fit = int(0.002 * 2 ** 30 // (3 * per_node)) - 1
+    keys = jax.random.split(jax.random.key(0), 3)
+    fresh = Searcher(task, graphdef, EnvConfig(num_candidates=4),
+                     SearchConfig(num_simulations=64, max_tree_gib=0.002), seq_len=T)
+    with no_compilation(caplog):
+        with pytest.raises(ValueError, match=rf"batch of 3 problems x 65 nodes \(64 simulations\).*over "
+                                             rf"search.max_tree_gib=0.002. What fits: {fit} simulations at batch 3; "
+                                             rf"or batch 1 at 64 simulations; or a model with d_model <= \d+"):
+            fresh(params, keys, inputs)
+
+
+def test_runs_made_before_distinct_candidates_keep_independent_samples():
+    """Today's default samples K distinct candidates; a stored run config from before the option keeps the
+    search it was made with (K independent samples)."""
+    from alphareason.config import default_config, upgrade_config
+    from alphareason.run import env_config
+    assert env_config(default_config()).distinct
+    old = default_config().to_dict()
+    del old["search"]["distinct_candidates"]
+    assert not env_config(upgrade_config(old)).distinct
+    assert env_config(upgrade_config(default_config().to_dict())).distinct

@@ -118,7 +118,31 @@ class Node:
     computed_forwards: jax.Array  # int32[B]: token forwards computed for this expansion (lanes, padding included)
     network_value: jax.Array  # float32[B]: the value head here (0 where nothing computed it: a finished root)
     fresh: jax.Array  # bool[B]: set by every expansion (the Searcher counts and clears it)
-    cache: KVCache | None = None  # the prefix's keys/values, rows [B] ("sample" and "tokens" candidates)
+    slot: jax.Array  # int32[B]: where the node's prefix keys/values are in the search's ``KVPool``
+
+
+@struct.dataclass
+class KVPool:
+    """The keys and values of every node's prefix, one slot per node (``M`` slots), outside mctx's tree.
+
+    mctx gathers and scatters whole node embeddings every simulation, so the
+    caches live here instead: an expansion reads its parent's slot and writes
+    its child's only inside a row group that runs, and a search whose new
+    nodes are all terminal moves none of it. Leaves are batch first.
+    """
+
+    k: tuple[jax.Array, ...]  # L arrays [M, H, T, Dh] per search ([B, M, H, T, Dh] for B searches)
+    v: tuple[jax.Array, ...]
+
+    def read(self, rows, slots, lengths) -> KVCache:
+        """The caches at ``slots`` int32[G] of rows ``rows`` int32[G], holding ``lengths`` int32[G] positions."""
+        return KVCache(k=tuple(a[rows, slots] for a in self.k), v=tuple(a[rows, slots] for a in self.v),
+                       lengths=lengths)
+
+    def write(self, rows, slots, cache: KVCache) -> "KVPool":
+        """``cache`` (G rows) stored at ``slots`` of rows ``rows``."""
+        return KVPool(k=tuple(a.at[rows, slots].set(c) for a, c in zip(self.k, cache.k)),
+                      v=tuple(a.at[rows, slots].set(c) for a, c in zip(self.v, cache.v)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +226,7 @@ class ReasoningEnv:
                 raise ValueError(f"search.num_candidates must be >= 1, got {config.num_candidates}")
             self.num_candidates, self.candidate_len = config.num_candidates, self.step_len
         self._expand_roots = _over_rows(self._root_rows)
-        self._expand_children = _over_rows(self._child_rows)
+        self._expand_children = _over_rows(self._child_rows, lane_args=(2,))  # (action, node, pool, slot)
 
     @property
     def max_actions(self) -> int:
@@ -238,6 +262,20 @@ class ReasoningEnv:
         """Whether nodes keep their prefix's keys and values (sampled steps and token actions)."""
         return self.config.candidates != "enumerate"
 
+    def init_pool(self, params, num_slots: int) -> KVPool | None:
+        """An empty ``KVPool`` of ``num_slots`` node caches for one search (None when nodes keep no cache)."""
+        if not self.uses_cache:
+            return None
+        cache = nnx.merge(self.graphdef, params).init_cache(num_slots, self.seq_len)
+        return KVPool(k=cache.k, v=cache.v)
+
+    def slot_bytes(self, params) -> int:
+        """Bytes of one node's cache in the ``KVPool`` (0 when nodes keep none)."""
+        if not self.uses_cache:
+            return 0
+        c = nnx.merge(self.graphdef, params).config
+        return 2 * c.num_layers * self.seq_len * c.d_model * jnp.dtype(c.dtype).itemsize
+
     @property
     def chunk_len(self) -> int:
         """The tokens one action appends: a step (S), or a token and the tool's output after it."""
@@ -251,7 +289,7 @@ class ReasoningEnv:
         return max(1, self.config.group_rows // per_node)
 
     def expand(self, params, key, inputs: dict[str, Any]) -> tuple[jax.Array, jax.Array, Node]:
-        """Evaluates root nodes and proposes their candidates.
+        """Evaluates root nodes and proposes their candidates (``expand_root`` without the caches).
 
         Args:
           params: the model's state (``nnx.split``).
@@ -261,15 +299,19 @@ class ReasoningEnv:
             bool[B] and ``depth`` int32[B] (default 0: a search root).
         Returns: (prior_logits float32[B, K], value float32[B], Node).
         """
+        return self.expand_root(params, key, inputs)[:3]
+
+    def expand_root(self, params, key, inputs: dict[str, Any]):
+        """``expand`` that also returns the roots' prefix caches (``KVCache`` [B], None for enumerated steps)."""
         return self._expand_roots(params, key, inputs)
 
     def root_fn(self, params, key, inputs: dict[str, Any]) -> mctx.RootFnOutput:
-        """mctx's root: expands ``inputs`` (``INPUT_KEYS``) at depth 0."""
+        """mctx's root: expands ``inputs`` (``INPUT_KEYS``) at depth 0 (in slot 0 of the ``KVPool``)."""
         prior_logits, value, node = self.expand(params, key, {k: inputs[k] for k in INPUT_KEYS})
         return mctx.RootFnOutput(prior_logits=prior_logits, value=value, embedding=node)
 
     def _root_rows(self, params, keys, inputs):
-        """``expand`` over rows, with one key per row [B] (see ``_over_rows``)."""
+        """``expand_root`` over rows, with one key per row [B] (see ``_over_rows``)."""
         model = nnx.merge(self.graphdef, params)
         tokens, length, done, task_state = inputs["tokens"], inputs["length"], inputs["done"], inputs["task_state"]
         B, T = tokens.shape
@@ -290,7 +332,10 @@ class ReasoningEnv:
         rows["needs"] = ~done
         out, computed = run_in_groups(work, ~done, rows, group_rows=self._group_nodes())
         out["value_logits"] = jnp.where(done, -jnp.inf, out["value_logits"])  # a finished root: not computed, 0
-        return self._node(inputs, depth, solved, propose, out, computed)
+        cache = out.pop("cache", None)
+        prior_logits, value, node = self._node(inputs, depth, solved, propose, out, computed,
+                                               jnp.zeros_like(length))
+        return prior_logits, value, node, cache
 
     def _propose(self, model, r, logits, cache):
         """The candidates of rows ``r`` from their prefix's ``logits`` [G, V] and ``cache``.
@@ -325,8 +370,29 @@ class ReasoningEnv:
         lanes = jnp.full(r["length"].shape, T + cands.shape[1] * cands.shape[2], jnp.int32)
         return out, lanes
 
-    def _child_rows(self, params, keys, action, node: Node):
-        """The child of every row's ``node`` through ``action`` [B], expanded (see ``recurrent_fn``)."""
+    def expand_child(self, params, key, action, node: Node, pool: KVPool | None, slot):
+        """Takes ``action`` at ``node`` and expands the child (mctx's ``recurrent_fn``, with the pool).
+
+        The parent's prefix is read from ``pool`` at ``node.slot``; the child's
+        (parent + its step) is written at ``slot``, the child's own. One search
+        lane: ``action``, ``slot`` int32[1], ``node`` one row, ``pool`` that
+        search's (under ``jax.vmap`` over searches, as the ``Searcher`` calls
+        it, the lanes' rows are expanded together).
+        Returns (mctx.RecurrentFnOutput, child Node, pool).
+        """
+        return self._expand_children(params, key, action, node, pool, slot)
+
+    def recurrent_fn(self, params, key, action, node: Node):
+        """mctx's recurrent function, for enumerated steps (nodes keep no cache; the ``Searcher`` threads the
+        ``KVPool`` of the other modes through ``expand_child``)."""
+        if self.uses_cache:
+            raise ValueError(f"candidates={self.config.candidates!r} keeps each node's keys and values in a KVPool "
+                             f"that mctx's recurrent_fn cannot carry; search with Searcher (or call expand_child)")
+        out, child, _ = self.expand_child(params, key, action, node, None, node.slot)
+        return out, child
+
+    def _child_rows(self, params, keys, action, node: Node, pool, slot):
+        """``expand_child`` over rows, with one key per row [B] (see ``_over_rows``)."""
         model = nnx.merge(self.graphdef, params)
         nxt = self.transition(node, action)
         done, depth = nxt["done"], nxt["depth"]
@@ -345,21 +411,25 @@ class ReasoningEnv:
             rows.update(chunk=jnp.take_along_axis(node.candidates, action[:, None, None], 1)[:, 0],
                         num_new=jnp.take_along_axis(node.cand_length, action[:, None], 1)[:, 0])
         rows["num_new"] = jnp.where(needs, rows["num_new"], 0)  # rows riding along in a group push nothing needed
-        if self.uses_cache:
-            rows["cache"] = node.cache
+        rows.update(row=jnp.arange(action.shape[0]), parent_slot=node.slot, parent_length=node.length, slot=slot)
 
-        def work(r):
+        def work(r, pool):
             if mode == "enumerate":
-                return self._score_enumerated(model, r)
-            logits, value_logits, cache = model.extend(r["chunk"], r["cache"], r["num_new"])
+                return self._score_enumerated(model, r) + (pool,)
+            cache = pool.read(r["row"], r["parent_slot"], r["parent_length"])
+            logits, value_logits, cache = model.extend(r["chunk"], cache, r["num_new"])
             out, lanes, needed = self._propose(model, r, logits, cache)
-            return dict(out, value_logits=value_logits, needed=r["num_new"] + needed), lanes + C
+            pool = pool.write(r["row"], r["slot"], out.pop("cache"))
+            return dict(out, value_logits=value_logits, needed=r["num_new"] + needed), lanes + C, pool
 
-        out, computed = run_in_groups(work, needs, rows, group_rows=self._group_nodes())
+        if pool is None:  # enumerated steps: no caches
+            out, computed = run_in_groups(lambda r: work(r, None)[:2], needs, rows, group_rows=self._group_nodes())
+        else:
+            out, computed, pool = run_in_groups(work, needs, rows, group_rows=self._group_nodes(), carry=pool)
         if mode != "tokens":  # the value at the end of the step taken, computed when the parent sampled it
             out["value_logits"] = jnp.take_along_axis(node.cand_value_logits, action[:, None], 1)[:, 0]
         inputs = {k: nxt[k] for k in INPUT_KEYS}
-        prior_logits, value, child = self._node(inputs, depth, nxt["solved"], propose, out, computed)
+        prior_logits, value, child = self._node(inputs, depth, nxt["solved"], propose, out, computed, slot)
         reward = nxt["reward"]
         if self.config.terminal_reward == "value":
             ended_here = child.done & ~node.done
@@ -367,9 +437,9 @@ class ReasoningEnv:
         out = mctx.RecurrentFnOutput(
             reward=reward, discount=jnp.where(nxt["done"], 0.0, 1.0).astype(jnp.float32),
             prior_logits=prior_logits, value=value)
-        return out, child
+        return out, child, pool
 
-    def _node(self, inputs, depth, solved, propose, out, computed):
+    def _node(self, inputs, depth, solved, propose, out, computed, slot):
         """Masks the candidates and assembles (prior_logits [B, K], value [B], Node) from the rows' outputs."""
         tokens, length, done, task_state = inputs["tokens"], inputs["length"], inputs["done"], inputs["task_state"]
         B, K, S = tokens.shape[0], self.num_candidates, self.step_len
@@ -400,7 +470,7 @@ class ReasoningEnv:
                     cand_valid=valid, cand_logprob=logprob, cand_log_inclusion=log_inclusion,
                     cand_value_logits=cand_values.astype(jnp.float32), token_forwards=out["needed"].astype(jnp.int32),
                     computed_forwards=computed, network_value=network_value, fresh=jnp.ones((B,), bool),
-                    cache=out.get("cache") if self.uses_cache else None)
+                    slot=jnp.asarray(slot, jnp.int32))
         return prior_logits, value, node
 
     # ----------------------------------------------------------- transition
@@ -478,11 +548,6 @@ class ReasoningEnv:
                 "valid": ~complete | valid, "done": complete & (step_done | ~valid),
                 "reward": jnp.where(complete, reward, 0.0).astype(jnp.float32)}
 
-    def recurrent_fn(self, params, key, action, node: Node):
-        """mctx's recurrent function: (params, key, action[B], Node) -> (RecurrentFnOutput, Node)."""
-        return self._expand_children(params, key, action, node)
-
-
 def append_steps(tokens, length, step):
     """Writes ``step`` (int32[B, S], PAD-padded) at each row's ``length``: -> int32[B, T].
 
@@ -499,7 +564,7 @@ def first_duplicates(cands) -> jax.Array:
     return jnp.any(same & earlier[None], axis=-1)
 
 
-def _over_rows(impl):
+def _over_rows(impl, *, lane_args: tuple[int, ...] = ()):
     """``impl(params, keys [B], *rows)`` as a function of one key, batched over problems as one call.
 
     Called as ``f(params, key, *rows)`` (mctx's convention: one key for the
@@ -510,28 +575,53 @@ def _over_rows(impl):
     conditionals and loops run once over every problem's nodes instead of
     being vmapped (which would turn a skipped group into a computed one and
     an early exit into a wait for the slowest lane).
+
+    ``lane_args`` (indices into ``rows``) are per search lane, without a row
+    axis (the ``KVPool``: a leading axis of size 1 under ``vmap`` makes XLA
+    copy the whole pool to change its layout); they need one row per lane.
     """
 
+    def rows_of(args):
+        return [a for i, a in enumerate(args) if i not in lane_args]
+
+    def check_one_row(n):
+        if lane_args and n != 1:
+            raise ValueError(f"a search lane holds {n} rows; its KV pool is per lane and needs 1 (vmap over problems)")
+
     @custom_vmap
-    def f(params, key, *rows):
-        n = jax.tree.leaves(rows)[0].shape[0]
-        return impl(params, key[None] if n == 1 else jax.random.split(key, n), *rows)
+    def f(params, key, *args):
+        n = jax.tree.leaves(rows_of(args))[0].shape[0]
+        check_one_row(n)
+        args = [jax.tree.map(lambda x: x[None], a) if i in lane_args else a for i, a in enumerate(args)]
+        out = impl(params, key[None] if n == 1 else jax.random.split(key, n), *args)
+        return _drop_lane_axis(out, lane_args)
 
     @f.def_vmap
-    def rule(axis_size, in_batched, params, key, *rows):
+    def rule(axis_size, in_batched, params, key, *args):
         if any(jax.tree.leaves(in_batched[0])):
             raise NotImplementedError("a search vmapped over model parameters is not supported")
         keys = key if in_batched[1] else jax.random.split(key, axis_size)
-        rows = tuple(jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + x.shape), r, rb)
-                     for r, rb in zip(rows, in_batched[2:]))
-        n = jax.tree.leaves(rows)[0].shape[1]
+        args = tuple(jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + x.shape), a, ab)
+                     for a, ab in zip(args, in_batched[2:]))
+        n = jax.tree.leaves(rows_of(args))[0].shape[1]
+        check_one_row(n)
         row_keys = keys if n == 1 else jax.vmap(lambda k: jax.random.split(k, n))(keys).reshape(axis_size * n)
-        flat = jax.tree.map(lambda x: x.reshape((axis_size * n,) + x.shape[2:]), rows)
+        flat = [a if i in lane_args else jax.tree.map(lambda x: x.reshape((axis_size * n,) + x.shape[2:]), a)
+                for i, a in enumerate(args)]
         out = impl(params, row_keys, *flat)
-        out = jax.tree.map(lambda x: x.reshape((axis_size, n) + x.shape[1:]), out)
+        lanes = out[-1:] if lane_args else ()  # the pool stays [lanes, ...]: no reshape through a size-1 axis
+        out = tuple(jax.tree.map(lambda x: x.reshape((axis_size, n) + x.shape[1:]), out[:len(out) - len(lanes)]))
+        out = out + lanes
         return out, jax.tree.map(lambda _: True, out)
 
     return f
+
+
+def _drop_lane_axis(out, lane_args):
+    """``expand_child`` called on one lane: its pool (the last output) without the row axis of 1."""
+    if not lane_args:
+        return out
+    return tuple(out[:-1]) + (jax.tree.map(lambda x: x[0], out[-1]),)
 
 
 def _tool_output(task: Task, state, steps, length):

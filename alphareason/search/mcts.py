@@ -11,11 +11,16 @@ Settings are checked when the ``Searcher`` is built, before anything is
 compiled; a batch whose trees would not fit ``max_tree_gib`` is refused
 before its search starts.
 
+The nodes' prefix caches live in a ``KVPool`` beside mctx's tree (mctx
+would move every node's embedding, caches included, at every simulation),
+carried by the simulation loop (mctx's ``loop_fn``, ours) and handed to the
+expansion of each simulation.
+
 Compute is counted exactly, both what the search needed and what the
 hardware computed: every expansion records both on its node
 (``Node.token_forwards``, ``Node.computed_forwards``) and marks the node
-``fresh``; the simulation loop (mctx's ``loop_fn``, ours) adds the fresh
-records to the problem's totals after every simulation and clears the mark.
+``fresh``; the simulation loop adds the fresh records to the problem's
+totals after every simulation and clears the mark.
 So a node mctx evaluates again (at ``max_depth``) is counted every time, and
 the computed figure includes every padded and idle lane the problem's rows
 took in the batched calls.
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import mctx
 from flax import nnx, struct
 
-from alphareason.search.env import EnvConfig, Node, ReasoningEnv
+from alphareason.search.env import EnvConfig, KVPool, Node, ReasoningEnv
 from alphareason.tasks import Task
 
 POLICIES = ("gumbel", "puct")
@@ -142,12 +147,14 @@ class Searcher:
         return self.env.num_candidates
 
     def node_bytes(self, params) -> int:
-        """Bytes of one node of the tree: its embedding (prefix KV cache included) and mctx's statistics."""
+        """Bytes of one node: its embedding, mctx's statistics and its slot of the ``KVPool``."""
         if self._node_bytes is None:
             example = jax.tree.map(jnp.asarray, self.env.initial([self.task.generate(0, 1)[0]]))
-            out = jax.eval_shape(self.env.root_fn, params, jax.random.key(0), example)
+            key = jax.eval_shape(jax.random.key, 0)  # shapes only: nothing is compiled or run
+            out = jax.eval_shape(self.env.root_fn, params, key, example)
             embedding = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out.embedding))
-            self._node_bytes = int(embedding + 4 * (6 + 6 * self.num_candidates))  # mctx: 6 node, 6 edge fields
+            statistics = 4 * (6 + 6 * self.num_candidates)  # mctx: 6 per-node and 6 per-edge 4-byte fields
+            self._node_bytes = int(embedding + statistics + self.env.slot_bytes(params))
         return self._node_bytes
 
     def tree_bytes(self, params, batch_size: int) -> int:
@@ -195,17 +202,27 @@ class Searcher:
         """One problem, run as an mctx batch of 1; returns its result without the batch axis."""
         inputs = jax.tree.map(lambda x: x[None], inputs)
         root_key, search_key = jax.random.split(key)
-        root = self.env.root_fn(params, root_key, inputs)
-        valid = root.embedding.cand_valid
+        c = self.config
+        prior_logits, value, embedding, cache = self.env.expand_root(params, root_key, inputs)
+        root = mctx.RootFnOutput(prior_logits=prior_logits, value=value, embedding=embedding)
+        pool = self.env.init_pool(params, c.num_simulations + 1)  # this search's node caches (one lane)
+        if pool is not None:  # the root's in slot 0
+            pool = jax.tree.map(lambda a, r: a.at[0].set(r[0]), pool, KVPool(k=cache.k, v=cache.v))
+        valid = embedding.cand_valid
         # Mask invalid candidates at the root unless none is valid (then mctx's
         # softmax would be undefined; every action then ends the episode unsolved).
         invalid = jnp.where(jnp.any(valid, -1, keepdims=True), ~valid, False)
-        totals: dict[str, jax.Array] = {}
-        loop_fn = functools.partial(_counting_loop, totals=totals)
-        c = self.config
+        channel: dict[str, Any] = {}
+
+        def recurrent_fn(params, key, action, node):
+            out, child, channel["pool"] = self.env.expand_child(params, key, action, node, channel["pool"],
+                                                                channel["slot"])
+            return out, child
+
+        loop_fn = functools.partial(_simulation_loop, pool=pool, channel=channel)
         if c.policy == "gumbel":
             out = mctx.gumbel_muzero_policy(
-                params, search_key, root, self.env.recurrent_fn, num_simulations=c.num_simulations,
+                params, search_key, root, recurrent_fn, num_simulations=c.num_simulations,
                 invalid_actions=invalid, max_depth=c.max_depth,
                 max_num_considered_actions=min(c.max_num_considered_actions, self.num_candidates),
                 gumbel_scale=c.gumbel_scale,
@@ -213,40 +230,49 @@ class Searcher:
                                              rescale_values=c.rescale_values), loop_fn=loop_fn)
         else:
             out = mctx.muzero_policy(
-                params, search_key, root, self.env.recurrent_fn, num_simulations=c.num_simulations,
+                params, search_key, root, recurrent_fn, num_simulations=c.num_simulations,
                 invalid_actions=invalid, max_depth=c.max_depth, pb_c_init=c.pb_c_init,
                 dirichlet_alpha=c.dirichlet_alpha, dirichlet_fraction=c.dirichlet_fraction,
                 temperature=c.puct_temperature, loop_fn=loop_fn)
         tree = out.search_tree
-        tree = tree.replace(embeddings=tree.embeddings.replace(cache=None))  # never returned: B x N x T keys/values
         summary = tree.summary()
         result = SearchResult(
             action=out.action, action_weights=out.action_weights,
             visit_counts=summary.visit_counts.astype(jnp.int32),
-            search_value=summary.value, network_value=root.value, root=root.embedding.replace(cache=None),
-            token_forwards=totals["needed"], computed_token_forwards=totals["computed"], tree=tree)
+            search_value=summary.value, network_value=root.value, root=embedding,
+            token_forwards=channel["needed"], computed_token_forwards=channel["computed"], tree=tree)
         return jax.tree.map(lambda x: x[0], result)
 
 
-def _counting_loop(lower, upper, body, init, *, totals: dict):
-    """mctx's simulation loop (a ``fori_loop``) that also adds up the fresh nodes' compute records.
+def _simulation_loop(lower, upper, body, init, *, pool, channel: dict):
+    """mctx's simulation loop (its ``loop_fn``: a ``fori_loop``), carrying the ``KVPool`` and the compute totals.
 
-    After each simulation the nodes marked ``fresh`` (the one just expanded,
-    and the root after the first) add their ``token_forwards`` and
-    ``computed_forwards`` to per-problem totals, and the mark is cleared.
-    The totals (int32[B] each) are left in ``totals["needed"]`` and
-    ``totals["computed"]`` for the caller, in the same trace.
+    mctx hands ``recurrent_fn`` only the parent's embedding, so the pool
+    travels beside mctx's state: before each simulation it is put in
+    ``channel["pool"]`` with the slot of the node this simulation creates
+    (``channel["slot"]``: simulation i creates node i + 1), the expansion
+    inside mctx's body replaces it with the pool it wrote, and the loop
+    carries that on. After each simulation the nodes marked ``fresh`` (the
+    one just expanded, and the root after the first) add their
+    ``token_forwards`` and ``computed_forwards`` to per-problem totals and the
+    mark is cleared; the totals (int32[B] each) are left in
+    ``channel["needed"]`` and ``channel["computed"]``. Everything happens in
+    the caller's trace.
     """
+    batch = init[1].node_visits.shape[0]  # mctx's batch: 1 (one search per vmap lane)
 
     def simulation(i, carry):
-        state, needed, computed = carry
+        state, pool, needed, computed = carry
+        channel["pool"], channel["slot"] = pool, jnp.full((batch,), i + 1, jnp.int32)
         key, tree = body(i, state)
+        pool = channel.pop("pool")
         emb = tree.embeddings
         needed = needed + jnp.sum(jnp.where(emb.fresh, emb.token_forwards, 0), axis=-1)
         computed = computed + jnp.sum(jnp.where(emb.fresh, emb.computed_forwards, 0), axis=-1)
         tree = tree.replace(embeddings=emb.replace(fresh=jnp.zeros_like(emb.fresh)))
-        return (key, tree), needed, computed
+        return (key, tree), pool, needed, computed
 
-    zeros = jnp.zeros(init[1].node_visits.shape[:1], jnp.int32)
-    state, totals["needed"], totals["computed"] = jax.lax.fori_loop(lower, upper, simulation, (init, zeros, zeros))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    state, _, channel["needed"], channel["computed"] = jax.lax.fori_loop(lower, upper, simulation,
+                                                                         (init, pool, zeros, zeros))
     return state
