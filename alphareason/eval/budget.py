@@ -13,9 +13,15 @@ of thought can cost: the longest prompt plus ``max_steps`` steps of
 sample their N chains through copies of its KV cache, so N chains cost
 ``prompt + sum(chain tokens)``; ``N = (budget - max_prompt_len) //
 cost_estimate``. MCTS cannot stop in the middle of a search, so its
-simulations are sized for the worst case: every expansion prefills at most
-``generation_cost`` tokens and samples ``K`` candidates of at most
+simulations are sized for a worst case: every expansion reads at most
+``generation_cost`` new tokens and samples ``K`` candidates of at most
 ``max_step_len`` tokens, and every episode runs ``max_steps`` searches.
+(With tree KV reuse a child reads only its step, so this bound is loose.)
+
+Budgets are in needed token forwards; every strategy also reports the
+token forwards its problems computed (``computed_token_forwards``: padded
+prompts, idle lanes of batched calls, finished candidates), and the FLOPs
+of those.
 
 ``TokenCountingModel`` wraps a model to count the same forwards
 independently, from inside every model entry point, both the tokens needed
