@@ -93,6 +93,9 @@ def default_config() -> ConfigDict:
     c.search.num_candidates = 8
     c.search.candidate_temperature = 1.0
     c.search.candidates = "sample"  # or "enumerate" (task's legal-step generator)
+    c.search.distinct_candidates = True  # sampled: K distinct steps, drawn without replacement
+    c.search.group_rows = 128  # candidate rows per batched model call of an expansion (row groups)
+    c.search.max_tree_gib = 4.0  # the most memory one batch's search trees (KV caches included) may hold
     c.search.length_normalize = False
     c.search.max_num_considered_actions = 8
     c.search.gumbel_scale = 1.0
@@ -221,6 +224,8 @@ class _null:
 WHOLE_DICTS = ("task.options", "data.sft_task_options")
 # Keys that older versions of the project wrote into a run's config.json and that no code reads any more.
 REMOVED_KEYS = ("search.action_temperature", "eval.split", "eval.temperature", "eval.samples")
+# Keys added since whose default is not the old behaviour: a stored config without them gets this value.
+ADDED_KEYS_OLD_VALUES = {"search.distinct_candidates": False}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -237,9 +242,10 @@ def upgrade_config(stored: dict, *, where: str = "config.json") -> ConfigDict:
     """A run's stored config on top of today's defaults: the one upgrade path for old run directories.
 
     Keys a stored config lacks (added since the run was made) take their
-    defaults, which reproduce the behaviour before they existed; keys in
-    ``REMOVED_KEYS`` are dropped. Any other key today's code does not know
-    is refused, naming it.
+    defaults, which reproduce the behaviour before they existed, or, where
+    today's default changed the behaviour, the old value
+    (``ADDED_KEYS_OLD_VALUES``); keys in ``REMOVED_KEYS`` are dropped. Any
+    other key today's code does not know is refused, naming it.
     """
     config = default_config()
     unknown = []
@@ -256,6 +262,11 @@ def upgrade_config(stored: dict, *, where: str = "config.json") -> ConfigDict:
             continue
         with node.unlocked() if hasattr(node, "unlocked") else _null():
             node[parts[-1]] = ConfigDict(value) if isinstance(value, dict) else value
+    stored_keys = _flatten(stored)
+    for key, value in ADDED_KEYS_OLD_VALUES.items():
+        if key not in stored_keys:
+            section, name = key.rsplit(".", 1)
+            config[section][name] = value
     if unknown:
         raise ConfigError(f"{where} has keys this version of alphareason does not know: {', '.join(unknown)}; "
                           f"it was written by another version. Use that version, or retrain in a new --workdir")

@@ -117,7 +117,7 @@ def split_problems(config: ConfigDict, workdir: str, split: str) -> list[dict]:
 def env_config(config: ConfigDict) -> EnvConfig:
     s = config.search
     return EnvConfig(num_candidates=s.num_candidates, candidates=s.candidates, temperature=s.candidate_temperature,
-                     length_normalize=s.length_normalize)
+                     length_normalize=s.length_normalize, distinct=s.distinct_candidates, group_rows=s.group_rows)
 
 
 def search_config(config: ConfigDict, *, num_simulations: int | None = None, policy: str | None = None) -> SearchConfig:
@@ -128,7 +128,7 @@ def search_config(config: ConfigDict, *, num_simulations: int | None = None, pol
                             max_num_considered_actions=s.max_num_considered_actions, gumbel_scale=s.gumbel_scale,
                             value_scale=s.value_scale, rescale_values=s.rescale_values, pb_c_init=s.pb_c_init,
                             dirichlet_alpha=s.dirichlet_alpha, dirichlet_fraction=s.dirichlet_fraction,
-                            max_depth=s.max_depth or None)
+                            max_depth=s.max_depth or None, max_tree_gib=s.max_tree_gib)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -95,19 +95,23 @@ SMALL_LOOP = MICRO + ["train.steps=4", "task.options.max_number=10", "task.optio
 def test_search_bench_quick_writes_every_figure(tmp_path):
     from alphareason.bench.search_bench import run_search_bench
     out = tmp_path / "search.json"
-    result = run_search_bench(str(out), quick=True, overrides=MICRO)  # quick: batches 1 and 16
+    result = run_search_bench(str(out), quick=True, overrides=MICRO)  # quick: batches 1 and 4, 8 simulations
     written = json.loads(out.read_text())
-    assert written["overhead"] == result["overhead"]
-    assert [row["batch_size"] for row in written["throughput"]] == [1, 16]
+    assert written["overhead"] == result["overhead"] and written["task"] == "game24"
+    assert [row["batch_size"] for row in written["throughput"]] == [1, 4]
     for row in written["throughput"]:
-        for key in ("simulations_per_s", "token_forwards_per_s", "seconds"):
+        for key in ("expansions_per_s", "expansions_per_cpu_s", "seconds", "computed_per_proposing_expansion",
+                    "floor_per_proposing_expansion", "computed_over_floor"):
             _positive(row[key], f"throughput.{key}")
-    overhead = written["overhead"]
-    for key in ("search_seconds", "model_only_seconds", "ratio", "tree_bytes_per_node"):
-        _positive(overhead[key], f"overhead.{key}")
-    # The plain loop makes the same model calls as the search (the ratio compares like with like).
-    assert overhead["model_only_token_forwards"] > 0
-    assert 0 <= overhead["terminal_node_fraction"] <= 1
+        assert row["node_expansions"] == row["batch_size"] * 9
+        assert row["computed_token_forwards"] >= row["needed_token_forwards"] > 0
+    for key in ("search_seconds", "model_only_seconds", "ratio", "model_only_computed_token_forwards"):
+        _positive(written["overhead"][key], f"overhead.{key}")
+    memory = written["memory"]
+    assert memory["bytes_per_node"] > memory["kv_slot_bytes_per_node"] > memory["paged_step_segment_bytes_per_node"] > 0
+    # The random network gives every step a nonzero probability: 8 distinct candidates at every proposing node.
+    assert all(r["distinct_candidates"] == 8 for r in written["distinct"]["without_replacement"])
+    _positive(written["versus_ts_llm"]["ratio"], "versus_ts_llm")
 
 
 def test_selfplay_bench_writes_phases_and_peak_memory(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx, struct
 
 from alphareason.model import ModelConfig, Tool, Transformer, prefill_token_forwards, sample_step
+from alphareason.model.sampling import sample_candidates
 from alphareason.model.sampling import top_p_filter
 from alphareason.model.testing import forward, perturbed_model
 from alphareason.tokenizer import BOS, DIGIT0, EOS, EQUALS, PAD, SEP, VOCAB_SIZE, char_id, encode
@@ -179,7 +180,7 @@ class ScriptedModel:
         return self.logits_at(lengths), lengths.astype(jnp.float32), FedCache(fed, lengths)
 
 
-def calculator(step_tokens, length):
+def calculator(state, step_tokens, length):
     """Adds the two one-digit operands of ``a+b=``: forces the sum's digit and SEP."""
     total = step_tokens[:, 0] - DIGIT0 + step_tokens[:, 2] - DIGIT0
     forced = jnp.stack([DIGIT0 + total % 10, jnp.full_like(total, SEP), jnp.full_like(total, PAD)], axis=1)
@@ -224,3 +225,135 @@ def test_scripted_stop_truncation_and_tool_forcing():
     np.testing.assert_allclose(out.value_logits, prefix + np.array(lengths))
     assert int(out.token_forwards) == sum(lengths)
     assert EQUALS in np.asarray(out.tokens[0]).tolist()
+
+
+# ------------------------------------------- K candidates from one prefix
+A, B_, C_, D_ = (char_id(c) for c in "abcd")
+# A toy step distribution: "a\n" 0.5, "b\n" 0.15, "bd\n" 0.15, "c\n" 0.2 (every other token impossible).
+TOY_STEPS = {"a\n": 0.5, "b\n": 0.15, "bd\n": 0.15, "c\n": 0.2}
+
+
+def toy_logits(first, second, position):
+    """Next-token log-probabilities [..., V] after a continuation's tokens (first, second) at ``position``."""
+    def dist(pairs):
+        out = jnp.full(first.shape + (VOCAB_SIZE,), -jnp.inf)
+        for token, p in pairs:
+            out = out.at[..., token].set(np.log(p))
+        return out
+
+    start = dist([(A, 0.5), (B_, 0.3), (C_, 0.2)])
+    stop = dist([(SEP, 1.0)])
+    after_b = dist([(SEP, 0.5), (D_, 0.5)])
+    at1 = jnp.where(((first == B_) & (position == 0))[..., None], after_b, stop)
+    return jnp.where((position < 0)[..., None], start, at1)
+
+
+@struct.dataclass
+class FedBranches:
+    fed: jax.Array  # int32[B, K, S]
+
+
+class ToyModel:
+    """``decode_branches`` follows ``TOY_STEPS``; the value logit is the number of tokens fed."""
+
+    def init_branches(self, batch, num, length):
+        return FedBranches(jnp.zeros((batch, num, length), jnp.int32))
+
+    def decode_branches(self, tokens, prefix, branches, slot, active=None):
+        fed = branches.fed.at[:, :, slot].set(tokens)
+        logits = toy_logits(fed[:, :, 0], fed[:, :, 1], jnp.full(tokens.shape, slot))
+        return logits, jnp.full(tokens.shape, slot + 1.0), FedBranches(fed)
+
+
+def toy_candidates(rows, K, distinct, seed=0):
+    keys = jax.random.split(jax.random.key(seed), rows)
+    first = toy_logits(jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32), jnp.full((rows,), -1))
+    run = jax.jit(lambda k: sample_candidates(ToyModel(), None, first, k, num_candidates=K, max_step_len=4,
+                                              distinct=distinct))
+    out = jax.tree.map(np.asarray, run(keys))
+    texts = [[detok(out.tokens[r, k, :out.length[r, k]]) if out.length[r, k] else None for k in range(K)]
+             for r in range(rows)]
+    return out, texts
+
+
+def exact_inclusion(K):
+    """P(step in a sample of K drawn without replacement), by enumerating the orders of the draws."""
+    import itertools
+    steps = list(TOY_STEPS)
+    incl = dict.fromkeys(steps, 0.0)
+    for order in itertools.permutations(steps, min(K, len(steps))):
+        p, left = 1.0, 1.0
+        for s in order:
+            p *= TOY_STEPS[s] / left
+            left -= TOY_STEPS[s]
+        for s in order:
+            incl[s] += p
+    return incl
+
+
+def test_distinct_candidates_are_drawn_without_replacement_with_the_right_inclusion_probabilities():
+    """Stochastic beam search over the toy distribution, 4000 rows with their own keys (pinned): every row's
+    K = 2 steps are distinct and complete; each step's frequency matches its exact inclusion probability
+    (within 4 standard errors); the reported log-probability of inclusion makes sum(p / q * f) an unbiased
+    estimate of E_p[f] (the prior's correction); each logprob is the step's own."""
+    rows, K = 4000, 2
+    out, texts = toy_candidates(rows, K, distinct=True)
+    incl = exact_inclusion(K)
+    counts = dict.fromkeys(TOY_STEPS, 0)
+    estimate = 0.0
+    for r in range(rows):
+        assert len(set(texts[r])) == K and all(t in TOY_STEPS for t in texts[r]), texts[r]
+        for k, t in enumerate(texts[r]):
+            counts[t] += 1
+            np.testing.assert_allclose(out.logprob[r, k], np.log(TOY_STEPS[t]), rtol=1e-5)
+            assert out.log_inclusion[r, k] <= 0.0
+            if t == "bd\n":
+                estimate += TOY_STEPS[t] / np.exp(out.log_inclusion[r, k])
+    for t, q in incl.items():
+        se = np.sqrt(q * (1 - q) / rows)
+        assert abs(counts[t] / rows - q) < 4 * se, (t, counts[t] / rows, q)
+    assert abs(estimate / rows - TOY_STEPS["bd\n"]) < 0.02, estimate / rows
+    np.testing.assert_array_equal(out.stopped, True)
+    np.testing.assert_array_equal(out.value_logits, out.length)  # the value at each step's last token
+
+
+def test_distinct_candidates_are_all_steps_when_fewer_exist_and_independent_ones_repeat():
+    out, texts = toy_candidates(50, 6, distinct=True, seed=1)
+    for r in range(50):
+        assert sorted(t for t in texts[r] if t) == sorted(TOY_STEPS) and texts[r].count(None) == 2
+        np.testing.assert_array_equal(out.log_inclusion[r], 0.0)  # every step was drawn: probability 1
+    assert out.iterations == 3  # the longest step, then every beam has ended
+    # K independent samples: duplicates, each step at its probability.
+    out, texts = toy_candidates(2000, 6, distinct=False, seed=2)
+    firsts = [t[0] for t in texts]
+    assert any(len(set(t)) < 6 for t in texts)
+    for t, p in TOY_STEPS.items():
+        assert abs(firsts.count(t) / 2000 - p) < 4 * np.sqrt(p * (1 - p) / 2000)
+    np.testing.assert_array_equal(out.log_inclusion, 0.0)
+    # Needed: tokens pushed for live candidates; here every candidate is a kept step.
+    np.testing.assert_array_equal(out.token_forwards, out.length.sum(-1))
+
+
+def test_row_groups_stop_separately_and_sample_the_same_steps(setup):
+    """With one key per row, splitting the rows into groups (each with its own loop) gives every row the same
+    step, logits, value and cache; a group whose rows are all inactive runs no iteration, and each row is
+    charged the iterations of its group's loop."""
+    active = np.ones(BATCH, bool)
+    active[8:] = False  # the third group of 4 rows: nothing to do
+    keys = jax.random.split(jax.random.key(5), BATCH)
+    run = jax.jit(lambda cache, logits, keys, group: sample_step(
+        nnx.merge(setup["graphdef"], setup["state"]), cache, logits, keys, max_step_len=STEP,
+        temperature=2.5, active=jnp.asarray(active), group_rows=group), static_argnums=3)
+    whole = run(setup["cache"], setup["logits"], keys, None)
+    grouped = run(setup["cache"], setup["logits"], keys, 4)
+    for name in ("tokens", "length", "num_sampled", "stopped"):
+        np.testing.assert_array_equal(getattr(grouped, name), getattr(whole, name))
+    for name in ("logprob", "logits", "value_logits"):
+        np.testing.assert_allclose(getattr(grouped, name), getattr(whole, name), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grouped.cache, whole.cache)
+    assert int(grouped.token_forwards) == int(whole.token_forwards) == int(np.sum(whole.length))
+    lanes = np.asarray(grouped.lane_forwards)
+    np.testing.assert_array_equal(lanes[8:], 0)
+    for g in range(2):
+        assert (lanes[4 * g: 4 * g + 4] == np.asarray(whole.length[4 * g: 4 * g + 4]).max()).all()
+    np.testing.assert_array_equal(whole.lane_forwards, np.asarray(whole.length).max())

@@ -3,9 +3,12 @@
 Compiling a search dominates the run time on a CPU, so the module compiles
 few of them and shares them (module-scoped ``searchers``):
 
-* ``sample``: the default setting (Gumbel MuZero over K = 4 sampled steps),
-  exactly the micro config's search with 8 simulations, so the CLI tests'
-  searches (batch 1 and 3) hit the same compiled programs (persistent cache);
+* ``distinct``: the default setting (Gumbel MuZero over K = 4 distinct
+  sampled steps), exactly the micro config's search with 8 simulations, so
+  the CLI tests' searches (batch 1 and 3) hit the same compiled programs
+  (persistent cache);
+* ``sample``: the same with K independent samples (duplicates masked), the
+  search as it was before distinct candidates: its golden tree is today's;
 * ``enumerate``: PUCT over the task's legal steps, length-normalised priors;
 * ``tokens``: token-level PUCT (S = 1, K = vocabulary) with a depth limit.
 
@@ -45,7 +48,8 @@ SEED = 2  # the pinned key: jax.random.key(SEED), split over the problems
 # The micro config's search (helpers.micro_config) with 8 simulations: what
 # `alphareason search/eval --simulations 8` builds for a micro workdir.
 SETTINGS = {
-    "sample": (EnvConfig(num_candidates=4), SearchConfig(num_simulations=8, max_num_considered_actions=4)),
+    "distinct": (EnvConfig(num_candidates=4), SearchConfig(num_simulations=8, max_num_considered_actions=4)),
+    "sample": (EnvConfig(num_candidates=4, distinct=False), SearchConfig(num_simulations=8, max_num_considered_actions=4)),
     "enumerate": (EnvConfig(candidates="enumerate", length_normalize=True),
                   SearchConfig(policy="puct", num_simulations=12)),
     "tokens": (EnvConfig(candidates="tokens"), SearchConfig(policy="puct", num_simulations=16, max_depth=2)),
@@ -150,23 +154,27 @@ def visited_edges(t, b):
     return edges
 
 
-def node_cost(emb, b, i):
-    """What expanding node i must cost: nothing when terminal, else its prefix plus the decoded candidate
-    tokens (counted from the candidates themselves, not from the node's own record)."""
+def node_cost(t, b, i, mode):
+    """What expanding node i must need, counted from the tree itself (not from the node's own record):
+    nothing when terminal; else the tokens new to the model (the prompt at the root, the node's step on
+    its parent's cache below it; enumerated steps re-read the whole prefix) plus the candidate tokens
+    decoded (none for token actions, whose candidates are the vocabulary)."""
+    emb = t.embeddings
     if emb.done[b, i]:
         return 0
-    token_level = emb.candidates.shape[-1] == 1  # the candidates are the vocabulary: nothing decoded
-    return int(emb.length[b, i]) + (0 if token_level else int(np.sum(emb.candidates[b, i] != tok.PAD)))
+    parent = int(t.parents[b, i])
+    new = int(emb.length[b, i]) - (int(emb.length[b, parent]) if i > 0 and mode != "enumerate" else 0)
+    return new + (0 if mode == "tokens" else int(np.sum(emb.candidates[b, i] != tok.PAD)))
 
 
-def expected_forwards(t, b):
+def expected_forwards(t, b, mode):
     """Sum over nodes of expansions x cost, from the tree's visit counts (not ``node_expansions``)."""
     total = 0
     for i in range(t.node_visits.shape[1]):
         n = int(t.node_visits[b, i])
         if n:
             expansions = n - int(t.children_visits[b, i].sum())
-            total += expansions * node_cost(t.embeddings, b, i)
+            total += expansions * node_cost(t, b, i, mode)
     return total
 
 
@@ -188,7 +196,13 @@ def no_compilation(caplog):
 
 # ------------------------------------------------------------------ golden trees
 def test_golden_tree_gumbel_sampled_steps(setup, results):
+    """K independent samples per node: today's tree (and, before tree KV reuse, yesterday's)."""
     golden("gumbel", summary_of(results("sample"), setup, "gumbel"))
+
+
+def test_golden_tree_gumbel_distinct_sampled_steps(setup, results):
+    """The default: K distinct steps per node, drawn without replacement."""
+    golden("gumbel_distinct", summary_of(results("distinct"), setup, "gumbel"))
 
 
 def test_golden_tree_puct_enumerated_steps(setup, results):
@@ -207,8 +221,8 @@ def test_golden_tree_token_level_with_depth_limit(setup, results):
 
 
 def test_batch_of_one_gives_the_same_tree_as_a_batch_of_many(setup, searchers, results):
-    many = results("sample")
-    s = searchers("sample")
+    many = results("distinct")
+    s = searchers("distinct")
     keys = jax.random.split(jax.random.key(SEED), 3)
     for b, problem in enumerate(setup["problems"]):
         inputs = jax.tree.map(jnp.asarray, s.env.initial([problem]))
@@ -241,7 +255,8 @@ def check_masking(result, *, where):
             logits = t.children_prior_logits[b, i]
             if i > 0:  # the root's logits are mctx's (masked, and noised for PUCT)
                 np.testing.assert_array_equal(logits[~valid], NEG_INF)
-                np.testing.assert_array_equal(logits[valid], emb.cand_logprob[b, i][valid])
+                prior = emb.cand_logprob[b, i] - emb.cand_log_inclusion[b, i]  # corrected for distinct draws
+                np.testing.assert_array_equal(logits[valid], prior[valid])
             elif valid.any():
                 assert np.all(logits[~valid] <= NEG_INF)
             if valid.any() and not emb.done[b, i]:
@@ -261,7 +276,8 @@ def test_invalid_and_duplicate_candidates_are_never_chosen(setup, results, train
     task = setup["task"]
     problems = task.generate(1, 12)
     cases = {"random model, sampled": ("sample", None), "trained model, sampled": ("sample", trained["params"]),
-             "enumerated": ("enumerate", None), "tokens": ("tokens", None)}
+             "trained model, distinct": ("distinct", trained["params"]), "enumerated": ("enumerate", None),
+             "tokens": ("tokens", None)}
     checked = {}
     for case, (name, params) in cases.items():
         checked[case] = sum(
@@ -272,6 +288,7 @@ def test_invalid_and_duplicate_candidates_are_never_chosen(setup, results, train
     assert not t.embeddings.cand_valid[t.node_visits > 0].any()
     # The others had a choice between valid and invalid candidates many times (16, 126 and 45 visits).
     assert checked["trained model, sampled"] >= 5 and checked["enumerated"] >= 30 and checked["tokens"] >= 30
+    assert checked["trained model, distinct"] >= 5
     e = numpy_tree(results("enumerate")).embeddings
     assert (~e.cand_valid[:, 0]).sum() > 0 and e.cand_valid[:, 0].sum() > 0
 
@@ -398,18 +415,25 @@ def test_export_needs_the_tree(setup, results):
 
 
 # ------------------------------------------------------------------ compute accounting
-def test_enumerated_search_computes_exactly_what_it_accounts(setup, results):
-    """Counted by a wrapper around the model (every prefix and candidate token it is given): enumerated
-    steps cost one pass over prefix + candidates per expansion, no separate prefill; same tree."""
+@pytest.mark.parametrize("name", ["distinct", "enumerate", "tokens"])
+def test_searches_compute_exactly_what_they_account(setup, results, name):
+    """An independent count by a wrapper around the model (every call's full shape: padding, rows that ride
+    along and finished candidates included) equals the computed figure the search reports, and the tokens
+    it needed equal the needed figure (enumerated steps: the scorer's prefixes of idle rows are counted too,
+    so only the computed figure is compared). Token-level search re-evaluates nodes at the depth limit: each
+    evaluation is counted. Same trees as without the counter."""
     from alphareason.eval.budget import TokenCounter, TokenCountingModel
     counter = TokenCounter()
     graphdef, params = nnx.split(TokenCountingModel(nnx.merge(setup["graphdef"], setup["params"]), counter))
-    env, search = SETTINGS["enumerate"]
+    env, search = SETTINGS[name]
     searcher = Searcher(setup["task"], graphdef, env, search, seq_len=setup["seq_len"], keep_tree=True)
     inputs = jax.tree.map(jnp.asarray, searcher.env.initial(setup["problems"]))
     counted = searcher(params, jax.random.split(jax.random.key(SEED), 3), inputs)
-    assert counter.total == int(counted.computed_token_forwards.sum()) > 0
-    np.testing.assert_array_equal(counted.visit_counts, results("enumerate").visit_counts)
+    assert counter.computed == int(counted.computed_token_forwards.sum()) > counter.needed > 0
+    if name != "enumerate":
+        assert counter.needed == int(counted.token_forwards.sum())
+    np.testing.assert_array_equal(counted.visit_counts, results(name).visit_counts)
+    np.testing.assert_array_equal(counted.computed_token_forwards, results(name).computed_token_forwards)
 
 
 @pytest.mark.parametrize("name", ["sample", "enumerate", "tokens"])
@@ -417,9 +441,9 @@ def test_token_forwards_are_the_sum_of_node_expansions(setup, results, name):
     t = numpy_tree(results(name))
     res = results(name)
     for b in range(3):
-        assert int(res.token_forwards[b]) == expected_forwards(t, b)
+        assert int(res.token_forwards[b]) == expected_forwards(t, b, SETTINGS[name][0].candidates)
         for i in np.nonzero(t.node_visits[b])[0]:
-            assert int(t.embeddings.token_forwards[b, i]) == node_cost(t.embeddings, b, i)
+            assert int(t.embeddings.token_forwards[b, i]) == node_cost(t, b, i, SETTINGS[name][0].candidates)
     if name == "tokens":  # the depth limit: nodes at depth 2 are evaluated again on every visit
         assert np.all(t.embeddings.depth[t.node_visits > 0] <= 2)
         cut = (t.node_visits > 0) & (t.embeddings.depth == 2) & ~t.embeddings.done
@@ -495,8 +519,10 @@ def _token_node(env, state):
     return Node(tokens=state["tokens"], length=state["length"], step_start=state["step_start"],
                 depth=state["depth"], task_state=state["task_state"], done=state["done"], solved=state["solved"],
                 candidates=jnp.arange(V, dtype=jnp.int32)[None, :, None], cand_length=jnp.ones((1, V), jnp.int32),
-                cand_valid=jnp.ones((1, V), bool), cand_logprob=jnp.zeros((1, V)),
-                token_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)))
+                cand_valid=jnp.ones((1, V), bool), cand_logprob=jnp.zeros((1, V)), cand_log_inclusion=jnp.zeros((1, V)),
+                cand_value_logits=jnp.zeros((1, V)), token_forwards=jnp.zeros((1,), jnp.int32),
+                computed_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)),
+                fresh=jnp.ones((1,), bool), slot=jnp.zeros((1,), jnp.int32))
 
 
 def test_token_level_root_masks_exactly_the_tokens_that_cannot_continue(setup, results):
@@ -540,7 +566,7 @@ def test_episodes_record_moves_verdicts_and_exact_compute(setup, searchers, name
         t = numpy_tree(res)
         for b in range(3):
             if move.active[b]:
-                expected[b] += expected_forwards(t, b)
+                expected[b] += expected_forwards(t, b, SETTINGS[name][0].candidates)
                 if m + 1 < len(out.moves) and name != "tokens":  # the next state = this state + the chosen step
                     step = move.candidates[b, move.action[b]]
                     n, nxt = move.length[b], out.moves[m + 1]
@@ -623,8 +649,10 @@ def test_a_chain_that_would_overflow_the_context_ends(setup):
                     depth=state["depth"], task_state=state["task_state"], done=state["done"],
                     solved=state["solved"], candidates=jnp.concatenate([cand, cand], 1),
                     cand_length=jnp.full((1, 2), len(tok.encode(text))), cand_valid=jnp.ones((1, 2), bool),
-                    cand_logprob=jnp.zeros((1, 2)), token_forwards=jnp.zeros((1,), jnp.int32),
-                    network_value=jnp.zeros((1,)))
+                    cand_logprob=jnp.zeros((1, 2)), cand_log_inclusion=jnp.zeros((1, 2)),
+                    cand_value_logits=jnp.zeros((1, 2)), token_forwards=jnp.zeros((1,), jnp.int32),
+                    computed_forwards=jnp.zeros((1,), jnp.int32), network_value=jnp.zeros((1,)),
+                    fresh=jnp.ones((1,), bool), slot=jnp.zeros((1,), jnp.int32))
         nxt = transition(node, jnp.zeros((1,), jnp.int32))
         done.append(bool(nxt["done"][0]))
         state = {k: nxt[k] for k in ("tokens", "length", "step_start", "task_state", "done", "solved", "depth")}
@@ -732,3 +760,113 @@ def test_gumbel_improved_policy_follows_the_configured_q_transform(setup):
 def test_search_config_refuses_a_non_positive_value_scale():
     with pytest.raises(ValueError, match="value_scale"):
         SearchConfig(value_scale=0.0)
+
+
+# ------------------------------------------------------------------ the token-forward floor
+def expanded_proposing(t, b, max_depth=None):
+    """Expanded nodes of row b that proposed candidates (not terminal, not at the depth limit)."""
+    emb = t.embeddings
+    return [i for i in range(t.node_visits.shape[1])
+            if t.node_visits[b, i] > 0 and not emb.done[b, i] and (max_depth is None or emb.depth[b, i] < max_depth)]
+
+
+def test_every_expanded_node_offers_k_distinct_candidates(setup, results, trained):
+    """Distinct sampling: every expanded node's K candidates are K different steps (every token has a nonzero
+    probability under these networks, so at least K steps exist). Independent samples from the trained
+    network repeat its favourite step: fewer distinct children."""
+    task = setup["task"]
+    distinct_counts = {}
+    for name in ("distinct", "sample"):
+        counts = []
+        for seed in range(2):
+            res = results(name, params=trained["params"], problems=task.generate(1, 12)[3 * seed: 3 * seed + 3],
+                          seed=seed)
+            t = numpy_tree(res)
+            emb = t.embeddings
+            for b in range(3):
+                for i in expanded_proposing(t, b):
+                    steps = {emb.candidates[b, i, k].tobytes() for k in range(4) if emb.cand_length[b, i, k]}
+                    counts.append(len(steps))
+                    if name == "distinct":
+                        assert len(steps) == 4 and (emb.cand_length[b, i] > 0).all(), (b, i)
+        distinct_counts[name] = np.mean(counts)
+    assert distinct_counts["distinct"] == 4 and distinct_counts["sample"] < 4, distinct_counts
+
+
+def test_tree_kv_reuse_gives_the_full_forward(setup, results, trained):
+    """Every node's candidates were sampled on its parent's cache extended by its step (no prefill): their
+    log-likelihoods equal a full forward over the node's tokens and the step, and every node's value (from
+    its parent's sampling, or the root's prefill) equals the full forward's value at its last token."""
+    graphdef, task = setup["graphdef"], setup["task"]
+    params = trained["params"]
+    checked, below_root = 0, 0
+    for seed, b in [(seed, b) for seed in range(2) for b in range(3)]:
+        res = results("distinct", params=params, problems=task.generate(1, 12)[3 * seed: 3 * seed + 3], seed=seed)
+        t = numpy_tree(res)
+        emb = t.embeddings
+        nodes = expanded_proposing(t, b)
+        seqs = []
+        for i in nodes:
+            n = int(emb.length[b, i])
+            for k in range(4):
+                seq = emb.tokens[b, i].copy()
+                seq[n: n + emb.candidates.shape[-1]] = emb.candidates[b, i, k]
+                seqs.append(seq)
+        logits, values = forward(graphdef, params, jnp.asarray(np.stack(seqs)))
+        logp = np.asarray(jax.nn.log_softmax(logits, -1))
+        values = np.asarray(jax.nn.sigmoid(values))
+        for j, i in enumerate(nodes):
+            n = int(emb.length[b, i])
+            np.testing.assert_allclose(emb.network_value[b, i], values[4 * j, n - 1], atol=2e-5)
+            written = ~np.asarray(task.tool_written(jnp.asarray(emb.candidates[b, i])))
+            for k in range(4):
+                m = int(emb.cand_length[b, i, k])
+                want = sum(logp[4 * j + k, n - 1 + s, emb.candidates[b, i, k, s]] for s in range(m) if written[k, s])
+                assert emb.cand_logprob[b, i, k] == pytest.approx(want, rel=1e-4, abs=1e-4), (b, i, k)
+                checked += 1
+            below_root += int(emb.depth[b, i] > 0)
+    assert checked >= 40 and below_root >= 2, (checked, below_root)  # nodes whose prefix came from the pool
+
+
+def test_finished_nodes_cost_nothing(setup, results):
+    """The random network's root candidates are all invalid, so every other node is terminal: the search
+    computes the root's prefill and sampling and nothing else; a terminal node records no work."""
+    res = results("distinct")
+    t = numpy_tree(res)
+    emb = t.embeddings
+    assert emb.done[:, 1:][t.node_visits[:, 1:] > 0].all()
+    np.testing.assert_array_equal(emb.computed_forwards[:, 1:][t.node_visits[:, 1:] > 0], 0)
+    np.testing.assert_array_equal(emb.token_forwards[:, 1:][t.node_visits[:, 1:] > 0], 0)
+    np.testing.assert_array_equal(res.computed_token_forwards, emb.computed_forwards[:, 0])
+    K, S, T = 4, setup["task"].max_step_len, setup["seq_len"]
+    assert (emb.computed_forwards[:, 0] <= T + K * S).all()  # the prompt's padded width + K x the loop's steps
+
+
+def test_a_tree_over_the_memory_budget_is_refused_before_the_search(setup, caplog):
+    task, graphdef, params, T = setup["task"], setup["graphdef"], setup["params"], setup["seq_len"]
+    s = Searcher(task, graphdef, EnvConfig(num_candidates=4), SearchConfig(num_simulations=64, max_tree_gib=0.002),
+                 seq_len=T)
+    inputs = jax.tree.map(jnp.asarray, s.env.initial(setup["problems"]))
+    per_node = s.node_bytes(params)
+    assert per_node >= s.env.slot_bytes(params) == 2 * 2 * T * 32 * 4  # layers x (k, v) x T x d_model x float32
+    fit = int(0.002 * 2 ** 30 // (3 * per_node)) - 1
+    keys = jax.random.split(jax.random.key(0), 3)
+    fresh = Searcher(task, graphdef, EnvConfig(num_candidates=4),
+                     SearchConfig(num_simulations=64, max_tree_gib=0.002), seq_len=T)
+    with no_compilation(caplog):
+        with pytest.raises(ValueError, match=rf"batch of 3 problems x 65 nodes \(64 simulations\).*over "
+                                             rf"search.max_tree_gib=0.002. What fits: {fit} simulations at batch 3; "
+                                             rf"or batch 1 at 64 simulations; or a model with d_model <= \d+"):
+            fresh(params, keys, inputs)
+
+
+def test_runs_made_before_distinct_candidates_keep_independent_samples():
+    """Today's default samples K distinct candidates; a stored run config from before the option keeps the
+    search it was made with (K independent samples)."""
+    from alphareason.config import default_config, upgrade_config
+    from alphareason.run import env_config
+    assert env_config(default_config()).distinct
+    old = default_config().to_dict()
+    del old["search"]["distinct_candidates"]
+    assert not env_config(upgrade_config(old)).distinct
+    assert env_config(upgrade_config(default_config().to_dict())).distinct

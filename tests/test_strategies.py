@@ -86,8 +86,10 @@ def runner():
 def run_counted(runner, config, budget, key=0, problems=PROBLEMS):
     COUNTER.reset()
     result = runner.run(config, problems, budget, jax.random.key(key))
-    counted = COUNTER.total
-    assert result.token_forwards.sum() + result.idle_token_forwards == counted, config.label
+    assert result.token_forwards.sum() + result.idle_token_forwards == COUNTER.needed, config.label
+    # What the hardware computed, padding included, as counted by the model wrapper.
+    assert result.computed_token_forwards.sum() + result.idle_computed_token_forwards == COUNTER.computed, config.label
+    assert (result.computed_token_forwards >= result.token_forwards).all(), config.label
     assert (result.token_forwards <= budget).all(), config.label
     return result
 
@@ -161,7 +163,8 @@ def test_verifier_selection_only_when_named():
             tokens[b, j, :len(ids)] = ids
     lanes = dict(tokens=tokens, length=(tokens != tok.PAD).sum(-1), candidate=np.ones((B, N), bool),
                  value=np.tile([0.2, 0.1, 0.9], (B, 1)), spent=np.full((B,), 12), lane_forwards=np.full((B, N), 4),
-                 prompt=np.full((B,), 3), cut=np.zeros((B, N), bool))
+                 prompt=np.full((B,), 3), cut=np.zeros((B, N), bool), lane_computed=np.full((B, N), 8),
+                 prompt_computed=np.full((B,), 16))
     for solved in (np.eye(N, dtype=bool)[[0, 0, 0]], np.eye(N, dtype=bool)[[1, 1, 1]]):
         learned = r._select(StrategyConfig("best_of_n"), PROBLEMS, _Lanes(solved=solved, **lanes), N, 100, 0)
         oracle = r._select(StrategyConfig("best_of_n", verifier=True), PROBLEMS, _Lanes(solved=solved, **lanes),
@@ -253,7 +256,8 @@ def test_countdown_with_the_calculator():
     r = StrategyRunner(TokenCountingModel(model, counter), task)
     problems = task.generate(0, 2)
     result = r.run(StrategyConfig("best_of_n", temperature=1.0), problems, r.budget_for(2), jax.random.key(0))
-    assert result.token_forwards.sum() + result.idle_token_forwards == counter.total
+    assert result.token_forwards.sum() + result.idle_token_forwards == counter.needed
+    assert result.computed_token_forwards.sum() + result.idle_computed_token_forwards == counter.computed
     assert (result.token_forwards <= r.budget_for(2)).all()
 
 

@@ -13,13 +13,20 @@ of thought can cost: the longest prompt plus ``max_steps`` steps of
 sample their N chains through copies of its KV cache, so N chains cost
 ``prompt + sum(chain tokens)``; ``N = (budget - max_prompt_len) //
 cost_estimate``. MCTS cannot stop in the middle of a search, so its
-simulations are sized for the worst case: every expansion prefills at most
-``generation_cost`` tokens and samples ``K`` candidates of at most
+simulations are sized for a worst case: every expansion reads at most
+``generation_cost`` new tokens and samples ``K`` candidates of at most
 ``max_step_len`` tokens, and every episode runs ``max_steps`` searches.
+(With tree KV reuse a child reads only its step, so this bound is loose.)
+
+Budgets are in needed token forwards; every strategy also reports the
+token forwards its problems computed (``computed_token_forwards``: padded
+prompts, idle lanes of batched calls, finished candidates), and the FLOPs
+of those.
 
 ``TokenCountingModel`` wraps a model to count the same forwards
-independently, from inside ``prefill`` / ``decode`` / ``score_continuations``,
-so a test can compare it with what a strategy reports.
+independently, from inside every model entry point, both the tokens needed
+and the lanes computed (padding included), so a test can compare it with
+what a strategy or a search reports.
 """
 
 from __future__ import annotations
@@ -42,36 +49,59 @@ def simulations_for_budget(budget: int, *, moves: int, expansion_cost: int) -> i
 
 
 class TokenCounter:
-    """Host-side tally of token forwards, fed by ``TokenCountingModel`` (via ``jax.debug.callback``)."""
+    """Host-side tally of token forwards, fed by ``TokenCountingModel`` (via ``jax.debug.callback``).
+
+    Two figures: ``needed`` counts the tokens whose results are used (the
+    project's rule: tokens, not lanes) and ``computed`` every lane the
+    hardware pushed through the network (padding, inactive rows and idle
+    positions of a batched call included). ``total`` is ``needed``.
+    """
 
     def __init__(self):
         self.prefill = 0
         self.decode = 0
+        self._computed = 0
 
     @property
     def total(self) -> int:
+        return self.needed
+
+    @property
+    def needed(self) -> int:
         jax.effects_barrier()
         return self.prefill + self.decode
 
+    @property
+    def computed(self) -> int:
+        jax.effects_barrier()
+        return self._computed
+
     def reset(self) -> None:
         jax.effects_barrier()
-        self.prefill = self.decode = 0
+        self.prefill = self.decode = self._computed = 0
 
-    def _add_prefill(self, n):
+    def _add_prefill(self, n, lanes):
         self.prefill += int(np.sum(n))
+        self._computed += int(np.sum(lanes))
 
-    def _add_decode(self, n):
+    def _add_decode(self, n, lanes):
         self.decode += int(np.sum(n))
+        self._computed += int(np.sum(lanes))
 
 
 class TokenCountingModel(nnx.Module):
     """A transformer that counts the token forwards it computes into a ``TokenCounter``.
 
-    ``prefill`` counts the prompt lengths (``sum(lengths)``), ``decode`` the
-    active rows (all rows when ``active`` is None): the project's rule of
-    counting tokens, not padded lanes. Counting happens on the host through
-    ``jax.debug.callback``, so it works inside ``jit``, ``vmap`` and loops;
-    it is for tests and audits, not for speed. ``nnx.split`` it like a model.
+    Needed tokens: ``prefill`` the prompt lengths of its active rows,
+    ``decode`` the active rows, ``extend`` the new tokens, ``decode_branches``
+    the active continuations, ``score_continuations`` the prefixes and the
+    continuations' tokens. Computed lanes: the full shape of every call
+    (``B x T`` for a prefill, ``B`` for a decode step, ``B x C`` for a chunk,
+    ``B x K`` for a branch step, ``B x (T + K x S)`` for a scoring pass).
+    Counting happens on the host through ``jax.debug.callback``, so it works
+    inside ``jit``, ``vmap``, loops and conditionals (a skipped branch counts
+    nothing); it is for tests and audits, not for speed. ``nnx.split`` it
+    like a model.
     """
 
     def __init__(self, model, counter: TokenCounter):
@@ -85,25 +115,44 @@ class TokenCountingModel(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int | None = None):
         return self.model.init_cache(batch_size, max_len)
 
+    def init_branches(self, batch_size: int, num_branches: int, length: int):
+        return self.model.init_branches(batch_size, num_branches, length)
+
+    def _count(self, add, needed, lanes):
+        jax.debug.callback(add, jnp.asarray(needed, jnp.int32), jnp.asarray(lanes, jnp.int32))
+
     def __call__(self, tokens):
-        jax.debug.callback(self.counter._add_prefill, jnp.asarray(tokens.size, jnp.int32))
+        self._count(self.counter._add_prefill, tokens.size, tokens.size)
         return self.model(tokens)
 
-    def prefill(self, tokens, lengths, cache):
+    def prefill(self, tokens, lengths, cache, active=None):
         out = self.model.prefill(tokens, lengths, cache)
-        jax.debug.callback(self.counter._add_prefill, jnp.sum(jnp.asarray(lengths, jnp.int32)))
+        lengths = jnp.asarray(lengths, jnp.int32)
+        used = lengths if active is None else jnp.where(active, lengths, 0)
+        self._count(self.counter._add_prefill, jnp.sum(used), tokens.size)
         return out
 
-    def score_continuations(self, tokens, lengths, continuations):
-        out = self.model.score_continuations(tokens, lengths, continuations)
+    def score_continuations(self, tokens, lengths, continuations, **options):
+        out = self.model.score_continuations(tokens, lengths, continuations, **options)
         n = jnp.sum(jnp.asarray(lengths, jnp.int32)) + jnp.sum(continuations != tok.PAD, dtype=jnp.int32)
-        jax.debug.callback(self.counter._add_prefill, n)  # the prefixes and the continuations' tokens
+        self._count(self.counter._add_prefill, n, tokens.size + continuations.size)  # prefixes and continuations
         return out
 
     def decode(self, tokens, cache, active=None):
         out = self.model.decode(tokens, cache, active)
-        n = jnp.int32(tokens.shape[0]) if active is None else jnp.sum(jnp.asarray(active, jnp.int32))
-        jax.debug.callback(self.counter._add_decode, n)
+        n = tokens.shape[0] if active is None else jnp.sum(jnp.asarray(active, jnp.int32))
+        self._count(self.counter._add_decode, n, tokens.shape[0])
+        return out
+
+    def extend(self, tokens, cache, num_new):
+        out = self.model.extend(tokens, cache, num_new)
+        self._count(self.counter._add_decode, jnp.sum(jnp.asarray(num_new, jnp.int32)), tokens.size)
+        return out
+
+    def decode_branches(self, tokens, prefix, branches, slot, active=None):
+        out = self.model.decode_branches(tokens, prefix, branches, slot, active)
+        n = tokens.size if active is None else jnp.sum(jnp.asarray(active, jnp.int32))
+        self._count(self.counter._add_decode, n, tokens.size)
         return out
 
 

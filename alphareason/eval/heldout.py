@@ -113,16 +113,18 @@ class Evaluator:
             if s.strategy == "mcts":
                 out = self.episodes.run(self.params, padded, jax.random.fold_in(key, start), record=False,
                                         problem_ids=np.arange(start, start + batch))
-                texts, forwards = out.texts[:n], out.token_forwards[:n]
+                texts, forwards, computed = out.texts[:n], out.token_forwards[:n], out.computed_token_forwards[:n]
                 extra = [{} for _ in range(n)]
             else:
-                texts, forwards, extra = self._decode(padded, key, start, n)
-            for p, text, f, e in zip(chunk, texts, forwards, extra):
+                texts, forwards, computed, extra = self._decode(padded, key, start, n)
+            for p, text, f, c, e in zip(chunk, texts, forwards, computed, extra):
                 verdict = self.task.verify(p, text)
                 rows.append({"problem": p, "solution": text, "solved": verdict.solved, "reason": verdict.reason,
                              "answer": verdict.answer, "strategy": s.strategy,
                              "difficulty": self.task.difficulty(p), "num_steps": text.count("\n"),
-                             "token_forwards": int(f), "flops": float(f) * self.flops_per_token, **e})
+                             "token_forwards": int(f), "flops": float(f) * self.flops_per_token,
+                             "computed_token_forwards": int(c), "computed_flops": float(c) * self.flops_per_token,
+                             **e})
         return rows
 
     def _decode(self, problems: list[Problem], key, first_id: int, n: int):
@@ -136,22 +138,24 @@ class Evaluator:
         starts = prompt_lengths(self.task, problems)
         texts = [[tok.decode(out["tokens"][b, j, starts[b]: out["length"][b, j]]) for j in range(lanes)]
                  for b in range(n)]
-        forwards = out["spent"][:n]
+        forwards, computed = out["spent"][:n], out["computed"][:n]
         if lanes == 1:
-            return [t[0] for t in texts], forwards, [{} for _ in range(n)]
+            return [t[0] for t in texts], forwards, computed, [{} for _ in range(n)]
         chosen, extra = [], []
         for b in range(n):
             best = int(np.argmax(out["value"][b]))
             chosen.append(texts[b][best])
             any_solved = any(self.task.verify(problems[b], t).solved for t in texts[b])
             extra.append({"pass_at_n": any_solved, "samples": lanes, "value": float(out["value"][b, best])})
-        return chosen, forwards, extra
+        return chosen, forwards, computed, extra
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"num_problems": len(rows),
            "solve_rate": float(np.mean([r["solved"] for r in rows])) if rows else 0.0,
-           "mean_token_forwards": float(np.mean([r["token_forwards"] for r in rows])) if rows else 0.0}
+           "mean_token_forwards": float(np.mean([r["token_forwards"] for r in rows])) if rows else 0.0,
+           "mean_computed_token_forwards": (float(np.mean([r.get("computed_token_forwards", 0) for r in rows]))
+                                            if rows else 0.0)}
     if rows and "pass_at_n" in rows[0]:
         out["pass_at_n"] = float(np.mean([r["pass_at_n"] for r in rows]))
     return out

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from alphareason import tokenizer as tok
+from alphareason.model import flops_per_token
 from alphareason.eval.budget import lanes_for_budget, simulations_for_budget
 from alphareason.eval.select import select_by_value, select_by_verifier, select_by_vote
 from alphareason.eval.strategy import (MCTS, VOTABLE_TASKS, VOTING, StrategyConfig, StrategyResult,
@@ -71,7 +72,10 @@ class _Lanes:
     lane_forwards: np.ndarray  # int64[B, N]: decoded tokens per lane (sampling: without beam)
     prompt: np.ndarray  # int64[B]: prompt tokens prefilled
     cut: np.ndarray  # bool[B, N]: a step was refused for lack of budget
+    lane_computed: np.ndarray  # int64[B, N]: token forwards computed per lane (its loop iterations)
+    prompt_computed: np.ndarray  # int64[B]: the prompt's padded prefill width
     idle: int = 0  # token forwards of padding rows (charged to no problem)
+    idle_computed: int = 0  # token forwards computed for padding rows
 
 
 class StrategyRunner:
@@ -111,6 +115,7 @@ class StrategyRunner:
         self._decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len)
         self._searchers: dict[tuple, Searcher] = {}
         self._prompt_env = ReasoningEnv(task, self.graphdef, EnvConfig(num_candidates=1), seq_len=self.seq_len)
+        self.flops_per_token = flops_per_token(model.config, self.seq_len)
 
     @property
     def exact_prefix(self) -> bool:
@@ -225,7 +230,9 @@ class StrategyRunner:
     def _infeasible(self, config, problems, budget) -> StrategyResult:
         return StrategyResult(config=config, budget=budget, size=0, texts=[""] * len(problems),
                               solved=np.zeros((len(problems),), bool),
-                              token_forwards=np.zeros((len(problems),), np.int64))
+                              token_forwards=np.zeros((len(problems),), np.int64),
+                              computed_token_forwards=np.zeros((len(problems),), np.int64),
+                              flops_per_token=self.flops_per_token)
 
     def _text(self, lanes: _Lanes, b: int, j: int, start: int) -> str:
         return tok.decode(lanes.tokens[b, j, start: lanes.length[b, j]])
@@ -247,20 +254,25 @@ class StrategyRunner:
         starts = prompt_lengths(self.task, problems)
         texts = [self._text(lanes, b, int(chosen[b]), starts[b]) for b in range(B)]
         solved = np.array([self.task.verify(p, t).solved for p, t in zip(problems, texts)], bool)
+        computed_all = lanes.prompt_computed + lanes.lane_computed.sum(axis=1)
         if config.name in ("greedy", "sample"):
             spent = lanes.prompt + lanes.lane_forwards[:, 0]
+            computed = lanes.prompt_computed + lanes.lane_computed[:, 0]
         else:
-            spent = lanes.spent
-        idle = lanes.idle
+            spent, computed = lanes.spent, computed_all
+        idle, idle_computed = lanes.idle, lanes.idle_computed
         if config.name in ("greedy", "sample") and N > 1:
             idle += int((lanes.spent - spent).sum())  # lanes decoded beyond the one used
+            idle_computed += int((computed_all - computed).sum())
         return StrategyResult(config=config, budget=budget, size=size, texts=texts, solved=solved,
-                              token_forwards=spent.astype(np.int64), beam_width=width, idle_token_forwards=idle)
+                              token_forwards=spent.astype(np.int64), beam_width=width, idle_token_forwards=idle,
+                              computed_token_forwards=computed.astype(np.int64),
+                              idle_computed_token_forwards=idle_computed, flops_per_token=self.flops_per_token)
 
     def _lanes(self, problems, ids, key, lanes, budget, temperature, greedy, top_p, *, beam_width) -> _Lanes:
         """Decodes ``lanes`` chains per problem in batches of at most ``max_lanes`` chains."""
         per_call = max(1, min(len(problems), self.max_lanes // lanes))
-        parts, idle = [], 0
+        parts, idle, idle_computed = [], 0, 0
         for start, end in _chunks(len(problems), per_call):
             chunk = _pad(problems[start:end], per_call)
             chunk_ids = np.concatenate([ids[start:end], np.full((per_call - (end - start),), ids[start])])
@@ -270,12 +282,14 @@ class StrategyRunner:
                                 beam_width=beam_width, greedy=greedy, temperature=temperature, top_p=top_p)
             out = jax.tree.map(np.asarray, out)
             idle += int(out["spent"][end - start:].sum())
+            idle_computed += int(out["computed"][end - start:].sum())
             parts.append(jax.tree.map(lambda x: x[: end - start], out))
         cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return _Lanes(tokens=cat["tokens"], length=cat["length"], candidate=cat["candidate"], value=cat["value"],
                       solved=cat["solved"], spent=cat["spent"].astype(np.int64),
                       lane_forwards=cat["lane_forwards"].astype(np.int64), prompt=cat["prompt"].astype(np.int64),
-                      cut=cat["cut"], idle=idle)
+                      cut=cat["cut"], lane_computed=cat["lane_computed"].astype(np.int64),
+                      prompt_computed=cat["prompt_computed"].astype(np.int64), idle=idle, idle_computed=idle_computed)
 
     # --------------------------------------------------------------- MCTS
     def _searcher(self, config: StrategyConfig, sims: int) -> Searcher:
@@ -295,7 +309,7 @@ class StrategyRunner:
         problem's charge does not depend on its batch.
         """
         runner = EpisodeRunner(self._searcher(config, sims))
-        texts, solved, spent, idle = [], [], [], 0
+        texts, solved, spent, computed, idle, idle_computed = [], [], [], [], 0, 0
         per_call = min(len(problems), self.mcts_batch)
         for start, end in _chunks(len(problems), per_call):
             n = end - start
@@ -305,9 +319,13 @@ class StrategyRunner:
             texts += out.texts[:n]
             solved.append(out.solved[:n])
             spent.append(out.token_forwards[:n])
-            idle += int(out.computed_token_forwards.sum() - out.token_forwards[:n].sum())
+            computed.append(out.computed_token_forwards[:n])
+            idle += int(out.token_forwards[n:].sum())
+            idle_computed += int(out.computed_token_forwards[n:].sum())
         return StrategyResult(config=config, budget=budget, size=sims, texts=texts, solved=np.concatenate(solved),
-                              token_forwards=np.concatenate(spent).astype(np.int64), idle_token_forwards=idle)
+                              token_forwards=np.concatenate(spent).astype(np.int64), idle_token_forwards=idle,
+                              computed_token_forwards=np.concatenate(computed).astype(np.int64),
+                              idle_computed_token_forwards=idle_computed, flops_per_token=self.flops_per_token)
 
 
 def _prefix(lanes: _Lanes, n: int) -> _Lanes:
@@ -315,4 +333,5 @@ def _prefix(lanes: _Lanes, n: int) -> _Lanes:
     return _Lanes(tokens=lanes.tokens[:, :n], length=lanes.length[:, :n], candidate=lanes.candidate[:, :n],
                   value=lanes.value[:, :n], solved=lanes.solved[:, :n],
                   spent=lanes.prompt + lanes.lane_forwards[:, :n].sum(axis=1), lane_forwards=lanes.lane_forwards[:, :n],
-                  prompt=lanes.prompt, cut=lanes.cut[:, :n])
+                  prompt=lanes.prompt, cut=lanes.cut[:, :n], lane_computed=lanes.lane_computed[:, :n],
+                  prompt_computed=lanes.prompt_computed)

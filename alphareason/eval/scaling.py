@@ -564,6 +564,7 @@ def run_task(name: str, model, task, select: list, report_problems: list, settin
         points.append({"label": label, "name": res.config.name, "family": res.config.family,
                        "verifier": res.config.verifier, "generations": g, "budget": budget, "size": res.size,
                        "beam_width": res.beam_width,
+                       "mean_computed_token_forwards": float(np.mean(res.computed_token_forwards)),
                        "select": summarize(solved, spent, bins, is_select, num_bins),
                        "report": summarize(solved, spent, bins, ~is_select, num_bins),
                        "both": summarize(solved, spent, bins, np.ones_like(is_select), num_bins)})

@@ -153,9 +153,17 @@ class StrategyResult:
     size: int  # chains N (sampling, beam) or simulations per move (MCTS); 0: the budget is too small
     texts: list[str]  # the chosen chain of thought per problem
     solved: np.ndarray  # bool[B], the task's Python verifier on ``texts``
-    token_forwards: np.ndarray  # int64[B], spent per problem (<= budget)
+    token_forwards: np.ndarray  # int64[B], needed per problem (<= budget)
     beam_width: int = 0  # the M used (beam)
-    idle_token_forwards: int = 0  # computed but charged to no problem: batch padding, unused search nodes
+    idle_token_forwards: int = 0  # needed but charged to no problem: batch padding, lanes beyond the one used
+    computed_token_forwards: np.ndarray | None = None  # int64[B], computed for each problem (padding included)
+    idle_computed_token_forwards: int = 0  # computed but charged to no problem
+    flops_per_token: float = 0.0  # forward FLOPs of one token forward at the model's context
+
+    @property
+    def computed_flops(self) -> np.ndarray:
+        """float64[B]: forward FLOPs computed for each problem (``computed_token_forwards x flops_per_token``)."""
+        return np.asarray(self.computed_token_forwards, np.float64) * self.flops_per_token
 
     @property
     def label(self) -> str:
@@ -167,6 +175,9 @@ class StrategyResult:
 
     def rows(self, problems: Sequence[Problem], task: Task) -> list[dict[str, Any]]:
         """Results-file rows (JSONL): problem, solution, solved, strategy, compute."""
+        computed = (self.computed_token_forwards if self.computed_token_forwards is not None
+                    else np.zeros(len(self.texts), np.int64))
         return [{"problem": p, "solution": t, "solved": bool(s), "strategy": self.label, "budget": self.budget,
-                 "size": self.size, "token_forwards": int(f), "difficulty": task.difficulty(p)}
-                for p, t, s, f in zip(problems, self.texts, self.solved, self.token_forwards)]
+                 "size": self.size, "token_forwards": int(f), "computed_token_forwards": int(c),
+                 "flops": float(c) * self.flops_per_token, "difficulty": task.difficulty(p)}
+                for p, t, s, f, c in zip(problems, self.texts, self.solved, self.token_forwards, computed)]

@@ -2,13 +2,18 @@
 
 This module owns the network and its KV cache. Read it top to bottom:
 ``ModelConfig`` -> the layers (``RMSNorm``, ``Attention``, ``MLP``, ``Block``)
--> ``Transformer`` with its three entry points:
+-> ``Transformer`` with its entry points:
 
 - ``model(tokens)``: the full causal forward, used for training;
 - ``model.prefill(tokens, lengths, cache)``: fills a fresh cache from ragged,
   right-padded prompts;
 - ``model.decode(tokens, cache, active)``: pushes one token per row through
-  the network, reading and extending the cache.
+  the network, reading and extending the cache;
+- ``model.extend(tokens, cache, num_new)``: a chunk of new tokens per row
+  after its cached prefix (a search node's step on its parent's cache);
+- ``model.decode_branches(tokens, prefix, branches, slot)``: one token of
+  each of K continuations that share a prefix's cache (a node's candidate
+  steps, sampled without copying the prefix K times).
 
 Shapes: ``B`` batch, ``T`` sequence length, ``S`` cache capacity (``T_max``),
 ``D`` model width, ``H`` heads, ``Dh = D // H`` head width, ``F`` MLP width,
@@ -32,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +144,47 @@ def tile_cache(cache: KVCache, num_copies: int) -> KVCache:
     Used to sample K candidate steps per problem from one prefill.
     """
     return jax.tree.map(lambda a: jnp.repeat(a, num_copies, axis=0), cache)
+
+
+class DecodeKV(NamedTuple):
+    """One layer's cache for a decode step: ``k, v`` [B, H, S, Dh]; ``write_at`` int32[B] (S: write nothing)."""
+
+    k: jax.Array
+    v: jax.Array
+    write_at: jax.Array
+
+
+class ChunkKV(NamedTuple):
+    """One layer's cache for a chunk of C tokens per row written from ``start`` int32[B] on."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+
+
+class BranchKV(NamedTuple):
+    """One layer's keys/values for K continuations of a shared prefix (``Transformer.decode_branches``)."""
+
+    prefix_k: jax.Array  # [B, H, Sp, Dh], read only
+    prefix_v: jax.Array
+    prefix_mask: jax.Array  # bool[B, Sp]: the prefix's filled positions
+    branch_k: jax.Array  # [B, K, H, Sb, Dh]: the continuations' own tokens
+    branch_v: jax.Array
+    slot: jax.Array  # int32[]: the continuation slot this step writes (the same for every row)
+
+
+@struct.dataclass
+class BranchCache:
+    """Keys and values of K continuations of each row's prefix, one slot per continuation token (a pytree).
+
+    The prefix itself stays in its ``KVCache`` (shared, never copied K
+    times); ``Transformer.decode_branches`` reads both. Batch first, then
+    the continuation, so reordering continuations (beam search) is a
+    ``take_along_axis`` on axis 1 of every leaf.
+    """
+
+    k: tuple[jax.Array, ...]  # L arrays [B, K, H, Sb, Dh], compute dtype
+    v: tuple[jax.Array, ...]
 
 
 # ----------------------------------------------------------------- layers
@@ -268,25 +314,29 @@ class Attention(nnx.Module):
         Args:
           x: [B, T, D] normalised input.
           positions: int32[B, T] position of each query token (rotary angle).
-          mask: bool[B, T, T_k] which keys each query may attend to.
+          mask: bool[B, T, T_k] which keys each query may attend to (unused
+            for ``BranchKV``, which carries its own masks).
           kv_cache: None for a full forward (keys are this call's own ``T``
-            tokens, ``T_k = T``); or ``(k, v, write_at)`` for one
-            decode step (``T = 1``): ``k, v`` [B, H, S, Dh] this layer's
-            cache and ``write_at`` int32[B] the slot that receives this
-            call's token per row (``write_at = S``, out of range, writes
-            nothing for that row). Then ``T_k = S``.
+            tokens, ``T_k = T``); a ``DecodeKV`` for one decode step (``T =
+            1``), a ``ChunkKV`` for a chunk of ``T`` tokens written after each
+            row's cached prefix (``T_k = S`` for both); or a ``BranchKV`` for
+            one token of each of ``T = K`` continuations of a shared prefix.
 
         Returns:
           ``(y [B, T, D], k, v)``: for a full forward ``k, v`` [B, T, H, Dh]
-          are this call's keys and values; for a decode step, this layer's
-          cache with the new slots written.
+          are this call's keys and values; otherwise the cache arrays with the
+          new slots written (``BranchKV``: the continuations' arrays).
         """
         qkv = dense(x, self.qkv[...], self.dtype)  # [B, T, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh] each
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
-        if kv_cache is not None:
+        if isinstance(kv_cache, DecodeKV):
             return self._decode_step(q, k, v, mask, kv_cache)
+        if isinstance(kv_cache, ChunkKV):
+            return self._chunk_step(q, k, v, mask, kv_cache)
+        if isinstance(kv_cache, BranchKV):
+            return self._branch_step(q, k, v, kv_cache)
         scores = matmul("bqhe,bkhe->bhqk", q, k, self.dtype) / math.sqrt(q.shape[-1])  # [B, H, T, T_k]
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
@@ -305,6 +355,43 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         heads = matmul("bhs,bhse->bhe", probs, values, self.dtype)[:, None]  # [B, 1, H, Dh]
         return dense(heads, self.out[...], self.dtype, contract=2), keys, values
+
+    def _chunk_step(self, q, k, v, mask, kv_cache):
+        """Attention of a chunk of ``C`` new tokens per row over the cache (the chunk written at each row's
+        ``start`` first; slots past the cache's end are dropped); arguments as in ``__call__``."""
+        keys, values, start = kv_cache
+        slots = start[:, None] + jnp.arange(q.shape[1])  # [B, C]
+        rows = jnp.arange(q.shape[0])[:, None]
+        keys = keys.at[rows, :, slots].set(k.astype(keys.dtype), mode="drop")  # [B, C, H, Dh] into [B, H, S, Dh]
+        values = values.at[rows, :, slots].set(v.astype(values.dtype), mode="drop")
+        scores = matmul("bqhe,bhse->bhqs", q, keys, self.dtype) / math.sqrt(q.shape[-1])  # [B, H, C, S]
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        heads = matmul("bhqs,bhse->bqhe", probs, values, self.dtype)  # [B, C, H, Dh]
+        return dense(heads, self.out[...], self.dtype, contract=2), keys, values
+
+    def _branch_step(self, q, k, v, kv: "BranchKV"):
+        """One token of each of K continuations (the ``T`` axis) of every row's shared prefix.
+
+        The prefix's keys are read, never written; each continuation's token
+        goes to slot ``kv.slot`` of its own arrays, and it attends to the
+        prefix's first ``lengths`` positions and its continuation's slots up
+        to ``slot``, in one softmax.
+        """
+        neg = jnp.finfo(jnp.float32).min
+        slot = kv.slot
+        branch_k = jax.lax.dynamic_update_slice_in_dim(kv.branch_k, k[:, :, :, None].astype(kv.branch_k.dtype), slot, 3)
+        branch_v = jax.lax.dynamic_update_slice_in_dim(kv.branch_v, v[:, :, :, None].astype(kv.branch_v.dtype), slot, 3)
+        scale = math.sqrt(q.shape[-1])
+        to_prefix = matmul("bkhe,bhse->bkhs", q, kv.prefix_k, self.dtype) / scale  # [B, K, H, Sp]
+        to_branch = matmul("bkhe,bkhse->bkhs", q, branch_k, self.dtype) / scale  # [B, K, H, Sb]
+        to_prefix = jnp.where(kv.prefix_mask[:, None, None, :], to_prefix, neg)
+        to_branch = jnp.where((jnp.arange(branch_k.shape[3]) <= slot)[None, None, None, :], to_branch, neg)
+        probs = jax.nn.softmax(jnp.concatenate([to_prefix, to_branch], -1), axis=-1)
+        sp = to_prefix.shape[-1]
+        heads = (matmul("bkhs,bhse->bkhe", probs[..., :sp], kv.prefix_v, self.dtype)
+                 + matmul("bkhs,bkhse->bkhe", probs[..., sp:], branch_v, self.dtype))  # [B, K, H, Dh]
+        return dense(heads, self.out[...], self.dtype, contract=2), branch_k, branch_v
 
 
 class MLP(nnx.Module):
@@ -352,7 +439,7 @@ class Transformer(nnx.Module):
         self.value_head = nnx.Param(jnp.asarray(np.zeros((config.d_model,), np.float32)))  # [D]
         self.value_bias = nnx.Param(jnp.asarray(np.zeros((), np.float32)))
 
-    # -- pieces shared by the three entry points
+    # -- pieces shared by the entry points
     def _embed(self, tokens, positions):
         """tokens, positions: int32[B, T] -> [B, T, D] float32."""
         x = self.embed[...][tokens]
@@ -364,8 +451,11 @@ class Transformer(nnx.Module):
         """x: [B, T, D] residual stream -> (logits [B, T, V], value_logits [B, T])."""
         h = self.final_norm(x)
         logits = dense(h, self.policy_head[...], self.config.dtype)
-        value_logits = matmul("btd,d->bt", h, self.value_head[...], self.config.dtype) + self.value_bias[...]
-        return logits, value_logits
+        return logits, self._value_head(h)
+
+    def _value_head(self, h):
+        """h: [B, T, D] normalised -> value_logits [B, T]."""
+        return matmul("btd,d->bt", h, self.value_head[...], self.config.dtype) + self.value_bias[...]
 
     def _run_blocks(self, tokens, positions, mask):
         """Full causal pass over ``T`` tokens: -> (x [B, T, D], keys, values: L arrays [B, T, H, Dh] each)."""
@@ -404,7 +494,7 @@ class Transformer(nnx.Module):
                        v=tuple(jnp.zeros(shape, c.dtype) for _ in range(c.num_layers)),
                        lengths=jnp.zeros((batch_size,), jnp.int32))
 
-    def prefill(self, tokens, lengths, cache: KVCache):
+    def prefill(self, tokens, lengths, cache: KVCache, active=None):
         """Fills ``cache`` from scratch with ragged, right-padded prompts.
 
         The cache's previous contents are overwritten: rows start at position 0.
@@ -414,6 +504,8 @@ class Transformer(nnx.Module):
             anything after it is ignored (T <= cache.max_len).
           lengths: int32[B], 1 <= lengths[b] <= T.
           cache: a cache with B rows (e.g. ``init_cache(B)``).
+          active: bool[B] or None: the rows whose results are used (the others
+            are computed all the same; for compute accounting only).
         Returns:
           ``(last_logits f32[B, V], last_value_logits f32[B], cache)``: the
           outputs at position ``lengths[b] - 1`` of each row, and the cache
@@ -459,14 +551,89 @@ class Transformer(nnx.Module):
         x = self._embed(tokens[:, None], jnp.minimum(positions, self._max_position()))
         keys, values = [], []
         for block, k, v in zip(self.blocks, cache.k, cache.v):
-            x, k, v = block(x, positions, mask, (k, v, write_at))
+            x, k, v = block(x, positions, mask, DecodeKV(k, v, write_at))
             keys.append(k)
             values.append(v)
         logits, value_logits = self._heads(x)
         cache = KVCache(k=tuple(keys), v=tuple(values), lengths=cache.lengths + active.astype(jnp.int32))
         return logits[:, 0], value_logits[:, 0], cache
 
-    def score_continuations(self, tokens, lengths, continuations):
+    def extend(self, tokens, cache: KVCache, num_new):
+        """Pushes a chunk of new tokens per row through the network after its cached prefix (KV reuse).
+
+        Row b's ``tokens[b, :num_new[b]]`` go to positions ``cache.lengths[b]
+        ...``; each attends to the cached prefix and to the chunk's tokens up
+        to itself, so the outputs equal a prefill of prefix + chunk. The
+        chunk has a static width C: its tokens after ``num_new[b]`` are pushed
+        through too and written beyond the new length, where nothing attends
+        to them (slots past the cache's end are dropped).
+
+        Args:
+          tokens: int32[B, C].
+          cache: the prefixes.
+          num_new: int32[B], 0 <= num_new[b] <= C.
+        Returns:
+          ``(logits f32[B, V], value_logits f32[B], cache)``: the outputs at
+          each row's last new token (meaningless where ``num_new`` is 0) and
+          the cache with ``lengths + num_new``.
+        """
+        batch, width = tokens.shape
+        num_new = jnp.asarray(num_new, jnp.int32)
+        positions = cache.lengths[:, None] + jnp.arange(width, dtype=jnp.int32)[None]  # [B, C]
+        mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]  # [B, C, S]
+        x = self._embed(tokens, jnp.minimum(positions, self._max_position()))
+        keys, values = [], []
+        for block, k, v in zip(self.blocks, cache.k, cache.v):
+            x, k, v = block(x, positions, mask, ChunkKV(k, v, cache.lengths))
+            keys.append(k)
+            values.append(v)
+        last = x[jnp.arange(batch), jnp.maximum(num_new - 1, 0)][:, None]  # [B, 1, D]
+        logits, value_logits = self._heads(last)
+        cache = KVCache(k=tuple(keys), v=tuple(values), lengths=cache.lengths + num_new)
+        return logits[:, 0], value_logits[:, 0], cache
+
+    def init_branches(self, batch_size: int, num_branches: int, length: int) -> BranchCache:
+        """Empty keys/values for ``num_branches`` continuations of ``length`` tokens per row."""
+        c = self.config
+        shape = (batch_size, num_branches, c.num_heads, length, c.head_dim)
+        return BranchCache(k=tuple(jnp.zeros(shape, c.dtype) for _ in range(c.num_layers)),
+                           v=tuple(jnp.zeros(shape, c.dtype) for _ in range(c.num_layers)))
+
+    def decode_branches(self, tokens, prefix: KVCache, branches: BranchCache, slot, active=None):
+        """Pushes one token of each of K continuations of every row's prefix through the network.
+
+        The K continuations share their prefix's cache (read, never written
+        or copied); continuation k's token is its ``slot``-th, at position
+        ``prefix.lengths[b] + slot``, and attends to the prefix and to its
+        own slots ``0 .. slot``. The outputs equal a decode step of a cache
+        holding prefix + that continuation.
+
+        Args:
+          tokens: int32[B, K].
+          prefix: the prefixes (``B`` rows).
+          branches: the continuations' keys/values so far (``init_branches``).
+          slot: int32[], the same for every row.
+          active: bool[B, K] or None: the continuations that take a token (the
+            others' outputs are meaningless and their slot is written all the
+            same; for compute accounting only).
+        Returns:
+          ``(logits f32[B, K, V], value_logits f32[B, K], branches)`` with
+          slot ``slot`` written.
+        """
+        batch, num = tokens.shape
+        slot = jnp.asarray(slot, jnp.int32)
+        positions = jnp.broadcast_to(prefix.lengths[:, None] + slot, (batch, num))  # [B, K]
+        prefix_mask = jnp.arange(prefix.max_len)[None, :] < prefix.lengths[:, None]  # [B, Sp]
+        x = self._embed(tokens, jnp.minimum(positions, self._max_position()))  # [B, K, D]
+        keys, values = [], []
+        for block, pk, pv, bk, bv in zip(self.blocks, prefix.k, prefix.v, branches.k, branches.v):
+            x, bk, bv = block(x, positions, None, BranchKV(pk, pv, prefix_mask, bk, bv, slot))
+            keys.append(bk)
+            values.append(bv)
+        logits, value_logits = self._heads(x)
+        return logits, value_logits, BranchCache(k=tuple(keys), v=tuple(values))
+
+    def score_continuations(self, tokens, lengths, continuations, *, continuation_values: bool = False):
         """Scores K continuations of each prefix in ONE parallel pass (prefix shared, no cache).
 
         The sequence fed through the blocks is ``[prefix (T) | cont_0 (S) | ...
@@ -483,10 +650,14 @@ class Transformer(nnx.Module):
           tokens: int32[B, T] prefixes, row b's in ``tokens[b, :lengths[b]]``.
           lengths: int32[B], 1 <= lengths[b] <= T.
           continuations: int32[B, K, S].
+          continuation_values: also return the value after every continuation
+            token.
         Returns:
           ``(logits f32[B, K, S, V], value_logits f32[B])``: ``logits[b, k, s]``
           is the distribution of ``continuations[b, k, s]`` given everything
-          before it; ``value_logits`` is the value at each prefix's last token.
+          before it; ``value_logits`` is the value at each prefix's last token;
+          with ``continuation_values`` a third output f32[B, K, S], the value
+          at token s of continuation k.
         """
         batch, length = tokens.shape
         _, K, S = continuations.shape
@@ -512,7 +683,10 @@ class Transformer(nnx.Module):
                                   cont[:, :, :-1]], 2)  # [B, K, S, D]
         logits, _ = self._heads(before.reshape(batch, K * S, -1))
         _, value_logits = self._heads(last[:, None])
-        return logits.reshape(batch, K, S, -1), value_logits[:, 0]
+        if not continuation_values:
+            return logits.reshape(batch, K, S, -1), value_logits[:, 0]
+        cont_values = self._value_head(self.final_norm(cont.reshape(batch, K * S, -1)))
+        return logits.reshape(batch, K, S, -1), value_logits[:, 0], cont_values.reshape(batch, K, S)
 
     def _max_position(self) -> int:
         return self.config.max_len - 1

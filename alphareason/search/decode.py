@@ -33,6 +33,13 @@ Randomness: problem ``b``'s key is ``keys[b]``; lane ``j`` uses
 chains do not depend on its batch, and the first ``n`` lanes of an N-lane
 decode (without beam search and budget) are an n-lane decode's.
 
+Compute: ``spent`` counts the tokens a problem needed (its prompt and every
+token its lanes wrote); ``computed`` every lane the hardware pushed through
+the network for it: the prompt's padded width T, and for every round each
+lane's share of the step loop (its row group's iterations, finished and
+cut lanes included). With ``group_rows`` the lanes run in groups that stop
+separately (``model.sample_step``).
+
 Shapes: ``B`` problems, ``N`` lanes per problem, ``T`` the context, ``S``
 the tokens per step.
 """
@@ -88,8 +95,10 @@ class ChainDecoder:
     its ``max_steps``.
     """
 
-    def __init__(self, task: Task, graphdef, *, seq_len: int, traces: bool = False, max_steps: int | None = None):
+    def __init__(self, task: Task, graphdef, *, seq_len: int, traces: bool = False, max_steps: int | None = None,
+                 group_rows: int | None = None):
         self.task, self.graphdef, self.seq_len, self.traces = task, graphdef, seq_len, traces
+        self.group_rows = group_rows
         self.max_steps = max_steps or (task.max_trace_steps if traces else task.max_steps)
         self._jitted = jax.jit(self._decode, static_argnames=("lanes", "beam_width", "greedy", "top_p"))
 
@@ -112,7 +121,10 @@ class ChainDecoder:
           logprob f32[B, N]: of the model-written tokens;
           cut bool[B, N]: a step was refused for lack of budget;
           spent int32[B]: prompt + every decoded token of the problem;
-          lane_forwards int32[B, N]: decoded tokens per lane; prompt int32[B].
+          lane_forwards int32[B, N]: decoded tokens per lane; prompt int32[B];
+          computed int32[B]: token forwards computed for the problem (the
+          padded prompt and every lane's loop iterations); lane_computed
+          int32[B, N] and prompt_computed int32[B], its parts.
         """
         return self._jitted(params, keys, inputs["tokens"], inputs["length"], inputs["task_state"],
                             jnp.int32(NO_BUDGET if budget is None else budget),
@@ -133,6 +145,7 @@ class ChainDecoder:
                      tokens=rep(tokens), length=rep(length), state=jax.tree.map(rep, task_state),
                      done=jnp.zeros((BN,), bool), solved=jnp.zeros((BN,), bool), holds=jnp.ones((BN,), bool),
                      cut=jnp.zeros((BN,), bool), lane_forwards=jnp.zeros((BN,), jnp.int32),
+                     lane_computed=jnp.zeros((BN,), jnp.int32),
                      logprob=jnp.zeros((BN,), jnp.float32), spent=length.astype(jnp.int32))
 
         def reselect(c):
@@ -165,7 +178,8 @@ class ChainDecoder:
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(lane_keys, r)
             sample = sample_step(model, c["cache"], c["logits"], step_keys, max_step_len=S,
                                  temperature=temperature, top_p=top_p, greedy=greedy,
-                                 tool=task_tool(task, c["state"]), value_logits=c["value_logits"], active=allowed)
+                                 tool=task_tool(task, c["state"]), value_logits=c["value_logits"], active=allowed,
+                                 group_rows=self.group_rows)
             new_state, valid, step_done, reward = jax.vmap(task.step)(c["state"], sample.tokens)
 
             def keep(new, old):
@@ -182,7 +196,7 @@ class ChainDecoder:
                 solved=jnp.where(allowed, reward > 0, c["solved"]),
                 done=done | cut | (allowed & ends),
                 holds=c["holds"] & ~cut, cut=c["cut"] | cut,
-                lane_forwards=c["lane_forwards"] + written,
+                lane_forwards=c["lane_forwards"] + written, lane_computed=c["lane_computed"] + sample.lane_forwards,
                 logprob=c["logprob"] + jnp.where(allowed, sample.logprob, 0.0),
                 spent=c["spent"] + written.reshape(B, N).sum(axis=1),
                 logits=sample.logits, value_logits=sample.value_logits, cache=sample.cache)
@@ -195,7 +209,9 @@ class ChainDecoder:
                 "value": shape(jax.nn.sigmoid(c["value_logits"].astype(jnp.float32))),
                 "solved": shape(c["solved"] & c["done"]), "done": shape(c["done"]), "logprob": shape(c["logprob"]),
                 "spent": c["spent"], "lane_forwards": shape(c["lane_forwards"]), "prompt": length.astype(jnp.int32),
-                "cut": shape(c["cut"])}
+                "cut": shape(c["cut"]), "lane_computed": shape(c["lane_computed"]),
+                "prompt_computed": jnp.full((B,), tokens.shape[1], jnp.int32),
+                "computed": tokens.shape[1] + shape(c["lane_computed"]).sum(axis=1)}
 
 
 class LegalStepDecoder:
@@ -210,7 +226,9 @@ class LegalStepDecoder:
     write a step's text itself.
 
     Returns what ``ChainDecoder`` returns for one lane per problem; a step
-    costs the scoring pass over the prefix and every legal step's tokens.
+    needs the scoring pass over the prefix and every legal step's tokens, and
+    computes it for every row at its padded size (``computed``) while any
+    row is still live.
     """
 
     def __init__(self, task: Task, graphdef, *, seq_len: int, length_normalize: bool = False):
@@ -241,6 +259,7 @@ class LegalStepDecoder:
             move = live & jnp.any(legal, -1)
             step_length = jnp.sum(step != tok.PAD, -1).astype(jnp.int32)
             cost = jnp.where(live, c["length"] + jnp.sum(steps != tok.PAD, (1, 2)), 0).astype(jnp.int32)
+            computed = jnp.int32(c["tokens"].shape[1] + steps.shape[1] * steps.shape[2])  # every row, padded
             keep = lambda n, o: jnp.where(move.reshape(move.shape + (1,) * (n.ndim - 1)), n, o)  # noqa: E731
             return dict(
                 i=c["i"] + 1, state=jax.tree.map(keep, new_state, c["state"]),
@@ -249,15 +268,18 @@ class LegalStepDecoder:
                 done=c["done"] | ~move | (move & (step_done | ~valid)),
                 solved=jnp.where(move, reward > 0, c["solved"]),
                 logprob=c["logprob"] + jnp.where(move, jnp.max(jnp.where(legal, logprob, -jnp.inf), -1), 0.0),
-                value_logits=jnp.where(live, value_logits, c["value_logits"]), spent=c["spent"] + cost)
+                value_logits=jnp.where(live, value_logits, c["value_logits"]), spent=c["spent"] + cost,
+                computed=c["computed"] + computed)
 
         carry = dict(i=jnp.int32(0), state=task_state, tokens=tokens, length=length, done=jnp.zeros((B,), bool),
                      solved=jnp.zeros((B,), bool), logprob=jnp.zeros((B,), jnp.float32),
-                     value_logits=jnp.zeros((B,), jnp.float32), spent=jnp.zeros((B,), jnp.int32))
+                     value_logits=jnp.zeros((B,), jnp.float32), spent=jnp.zeros((B,), jnp.int32),
+                     computed=jnp.zeros((B,), jnp.int32))
         c = jax.lax.while_loop(lambda c: (c["i"] < task.max_steps) & ~jnp.all(c["done"]), one_step, carry)
         one = lambda x: x[:, None]  # noqa: E731  (one lane)
         return {"tokens": one(c["tokens"]), "length": one(c["length"]), "candidate": jnp.ones((B, 1), bool),
                 "value": one(jax.nn.sigmoid(c["value_logits"])), "solved": one(c["solved"] & c["done"]),
                 "done": one(c["done"]), "logprob": one(c["logprob"]), "spent": c["spent"],
                 "lane_forwards": one(c["spent"]), "prompt": jnp.zeros((B,), jnp.int32),
-                "cut": jnp.zeros((B, 1), bool)}
+                "cut": jnp.zeros((B, 1), bool), "lane_computed": one(c["computed"]),
+                "prompt_computed": jnp.zeros((B,), jnp.int32), "computed": c["computed"]}

@@ -5,16 +5,25 @@ one search per input shape (``jax.jit`` caches it) and is called as
 ``searcher(params, keys, inputs)`` with one PRNG key per problem. Each
 problem's search runs under ``jax.vmap`` with its own key, so a problem's
 tree depends only on that problem, its key and the parameters: a batch of one
-and a batch of many give the same tree. Settings are checked when the
-``Searcher`` is built, before anything is compiled.
+and a batch of many give the same tree. (The model calls inside are batched
+over all problems at once by the environment's ``custom_vmap`` rule.)
+Settings are checked when the ``Searcher`` is built, before anything is
+compiled; a batch whose trees would not fit ``max_tree_gib`` is refused
+before its search starts.
 
-Compute is counted exactly: every node's expansion records the token
-forwards it made (``Node.token_forwards``: prefix prefill + candidate
-decoding), and a node is expanded once, except that with ``max_depth`` mctx
-evaluates a node at the depth limit again each time a simulation reaches it
-(at the same cost: such a node only prefills its prefix). A node's number of
-expansions is its visits minus its children's visits, so the search's cost
-per problem is the sum over the tree's nodes of expansions x cost.
+The nodes' prefix caches live in a ``KVPool`` beside mctx's tree (mctx
+would move every node's embedding, caches included, at every simulation),
+carried by the simulation loop (mctx's ``loop_fn``, ours) and handed to the
+expansion of each simulation.
+
+Compute is counted exactly, both what the search needed and what the
+hardware computed: every expansion records both on its node
+(``Node.token_forwards``, ``Node.computed_forwards``) and marks the node
+``fresh``; the simulation loop adds the fresh records to the problem's
+totals after every simulation and clears the mark.
+So a node mctx evaluates again (at ``max_depth``) is counted every time, and
+the computed figure includes every padded and idle lane the problem's rows
+took in the batched calls.
 """
 
 from __future__ import annotations
@@ -26,9 +35,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import mctx
-from flax import struct
+from flax import nnx, struct
 
-from alphareason.search.env import EnvConfig, Node, ReasoningEnv
+from alphareason.search.env import EnvConfig, KVPool, Node, ReasoningEnv
 from alphareason.tasks import Task
 
 POLICIES = ("gumbel", "puct")
@@ -63,6 +72,7 @@ class SearchConfig:
     dirichlet_alpha: float = 0.3  # PUCT root noise
     dirichlet_fraction: float = 0.25
     puct_temperature: float = 1.0  # PUCT: temperature of action_weights over visit counts
+    max_tree_gib: float = 4.0  # the most memory one batch's search trees may hold (KV caches included)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -73,6 +83,8 @@ class SearchConfig:
             raise ValueError(f"search.max_depth={self.max_depth} must be >= 1 (or None for no limit)")
         if not self.value_scale > 0:
             raise ValueError(f"search.value_scale must be > 0, got {self.value_scale}")
+        if not self.max_tree_gib > 0:
+            raise ValueError(f"search.max_tree_gib must be > 0, got {self.max_tree_gib}")
         if self.max_num_considered_actions < 1:
             raise ValueError(f"search.max_num_considered_actions must be >= 1, got {self.max_num_considered_actions}")
 
@@ -87,8 +99,8 @@ class SearchResult:
     search_value: jax.Array  # float32[B]: root value after the search
     network_value: jax.Array  # float32[B]: value head at the root
     root: Node  # root embedding: candidates, their validity and log-likelihoods
-    token_forwards: jax.Array  # int32[B]: model token forwards of the whole search (charged to the problem)
-    computed_token_forwards: jax.Array  # int32[B]: charged or not: every expansion's prefix + its candidates
+    token_forwards: jax.Array  # int32[B]: model token forwards the search needed (charged to the problem)
+    computed_token_forwards: jax.Array  # int32[B]: token forwards computed for it (padding and idle lanes included)
     tree: Any = None  # mctx.Tree with leaves [B, N+1, ...] when keep_tree=True
 
 
@@ -128,17 +140,58 @@ class Searcher:
         self.config = search_config
         self.keep_tree = keep_tree
         self._jitted = jax.jit(self._search)
+        self._node_bytes: int | None = None
 
     @property
     def num_candidates(self) -> int:
         return self.env.num_candidates
 
+    def node_bytes(self, params) -> int:
+        """Bytes of one node: its embedding, mctx's statistics and its slot of the ``KVPool``."""
+        if self._node_bytes is None:
+            example = jax.tree.map(jnp.asarray, self.env.initial([self.task.generate(0, 1)[0]]))
+            key = jax.eval_shape(jax.random.key, 0)  # shapes only: nothing is compiled or run
+            out = jax.eval_shape(self.env.root_fn, params, key, example)
+            embedding = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out.embedding))
+            statistics = 4 * (6 + 6 * self.num_candidates)  # mctx: 6 per-node and 6 per-edge 4-byte fields
+            self._node_bytes = int(embedding + statistics + self.env.slot_bytes(params))
+        return self._node_bytes
+
+    def tree_bytes(self, params, batch_size: int) -> int:
+        """Bytes the trees of a batch of ``batch_size`` problems hold: ``B x (N + 1)`` nodes."""
+        return batch_size * (self.config.num_simulations + 1) * self.node_bytes(params)
+
+    def check_memory(self, params, batch_size: int) -> None:
+        """Raises ``ValueError`` when a batch's trees exceed ``max_tree_gib``, naming what fits."""
+        budget = self.config.max_tree_gib * 2 ** 30
+        need = self.tree_bytes(params, batch_size)
+        if need <= budget:
+            return
+        per_node, N = self.node_bytes(params), self.config.num_simulations
+        sims = int(budget // (batch_size * per_node)) - 1
+        batch = int(budget // ((N + 1) * per_node))
+        cfg = nnx.merge(self.env.graphdef, params).config
+        per_width = 2 * cfg.num_layers * jnp.dtype(cfg.dtype).itemsize * self.env.seq_len  # cache bytes per d_model
+        rest = per_node - (per_width * cfg.d_model if self.env.uses_cache else 0)
+        width = int((budget / (batch_size * (N + 1)) - rest) // per_width)
+        fits = ([f"{sims} simulations at batch {batch_size}"] if sims >= 1 else []) + \
+               ([f"batch {batch} at {N} simulations"] if batch >= 1 else []) + \
+               [f"a model with d_model <= {max(width, 0)} ({cfg.num_layers} layers) at this batch and simulations"]
+        raise ValueError(
+            f"the search trees of a batch of {batch_size} problems x {N + 1} nodes ({N} simulations) would hold "
+            f"{need / 2 ** 30:.2f} GiB ({per_node / 1024:.1f} KiB per node, with the keys and values of the node's "
+            f"prefix: {cfg.num_layers} layers x 2 x {self.env.seq_len} positions x d_model {cfg.d_model}), over "
+            f"search.max_tree_gib={self.config.max_tree_gib:g}. What fits: {'; or '.join(fits)}; "
+            f"or raise search.max_tree_gib")
+
     def __call__(self, params, keys, inputs: dict[str, Any]) -> SearchResult:
         """Searches from ``inputs`` (see ``ReasoningEnv.initial``); ``keys``: one PRNG key per row.
 
         The tree is always computed (one compilation serves ``keep_tree`` both
-        ways); it is dropped here unless ``keep_tree``.
+        ways); it is dropped here unless ``keep_tree``. A batch whose trees
+        would exceed ``max_tree_gib`` raises ``ValueError`` before anything runs.
         """
+        self.check_memory(params, int(jax.tree.leaves(inputs)[0].shape[0]))
         result = self._jitted(params, keys, inputs)
         return result if self.keep_tree else result.replace(tree=None)
 
@@ -149,36 +202,77 @@ class Searcher:
         """One problem, run as an mctx batch of 1; returns its result without the batch axis."""
         inputs = jax.tree.map(lambda x: x[None], inputs)
         root_key, search_key = jax.random.split(key)
-        root = self.env.root_fn(params, root_key, inputs)
-        valid = root.embedding.cand_valid
+        c = self.config
+        prior_logits, value, embedding, cache = self.env.expand_root(params, root_key, inputs)
+        root = mctx.RootFnOutput(prior_logits=prior_logits, value=value, embedding=embedding)
+        pool = self.env.init_pool(params, c.num_simulations + 1)  # this search's node caches (one lane)
+        if pool is not None:  # the root's in slot 0
+            pool = jax.tree.map(lambda a, r: a.at[0].set(r[0]), pool, KVPool(k=cache.k, v=cache.v))
+        valid = embedding.cand_valid
         # Mask invalid candidates at the root unless none is valid (then mctx's
         # softmax would be undefined; every action then ends the episode unsolved).
         invalid = jnp.where(jnp.any(valid, -1, keepdims=True), ~valid, False)
-        c = self.config
+        channel: dict[str, Any] = {}
+
+        def recurrent_fn(params, key, action, node):
+            out, child, channel["pool"] = self.env.expand_child(params, key, action, node, channel["pool"],
+                                                                channel["slot"])
+            return out, child
+
+        loop_fn = functools.partial(_simulation_loop, pool=pool, channel=channel)
         if c.policy == "gumbel":
             out = mctx.gumbel_muzero_policy(
-                params, search_key, root, self.env.recurrent_fn, num_simulations=c.num_simulations,
+                params, search_key, root, recurrent_fn, num_simulations=c.num_simulations,
                 invalid_actions=invalid, max_depth=c.max_depth,
                 max_num_considered_actions=min(c.max_num_considered_actions, self.num_candidates),
                 gumbel_scale=c.gumbel_scale,
                 qtransform=functools.partial(mctx.qtransform_completed_by_mix_value, value_scale=c.value_scale,
-                                             rescale_values=c.rescale_values))
+                                             rescale_values=c.rescale_values), loop_fn=loop_fn)
         else:
             out = mctx.muzero_policy(
-                params, search_key, root, self.env.recurrent_fn, num_simulations=c.num_simulations,
+                params, search_key, root, recurrent_fn, num_simulations=c.num_simulations,
                 invalid_actions=invalid, max_depth=c.max_depth, pb_c_init=c.pb_c_init,
                 dirichlet_alpha=c.dirichlet_alpha, dirichlet_fraction=c.dirichlet_fraction,
-                temperature=c.puct_temperature)
+                temperature=c.puct_temperature, loop_fn=loop_fn)
         tree = out.search_tree
-        expansions = node_expansions(tree)
-        forwards = jnp.sum(expansions * tree.embeddings.token_forwards, axis=-1)
-        emb = tree.embeddings
-        computed = jnp.sum(expansions * (emb.length + jnp.sum(emb.cand_length, -1)), axis=-1)
         summary = tree.summary()
         result = SearchResult(
             action=out.action, action_weights=out.action_weights,
             visit_counts=summary.visit_counts.astype(jnp.int32),
-            search_value=summary.value, network_value=root.value, root=root.embedding,
-            token_forwards=forwards.astype(jnp.int32), computed_token_forwards=computed.astype(jnp.int32),
-            tree=tree)
+            search_value=summary.value, network_value=root.value, root=embedding,
+            token_forwards=channel["needed"], computed_token_forwards=channel["computed"], tree=tree)
         return jax.tree.map(lambda x: x[0], result)
+
+
+def _simulation_loop(lower, upper, body, init, *, pool, channel: dict):
+    """mctx's simulation loop (its ``loop_fn``: a ``fori_loop``), carrying the ``KVPool`` and the compute totals.
+
+    mctx hands ``recurrent_fn`` only the parent's embedding, so the pool
+    travels beside mctx's state: before each simulation it is put in
+    ``channel["pool"]`` with the slot of the node this simulation creates
+    (``channel["slot"]``: simulation i creates node i + 1), the expansion
+    inside mctx's body replaces it with the pool it wrote, and the loop
+    carries that on. After each simulation the nodes marked ``fresh`` (the
+    one just expanded, and the root after the first) add their
+    ``token_forwards`` and ``computed_forwards`` to per-problem totals and the
+    mark is cleared; the totals (int32[B] each) are left in
+    ``channel["needed"]`` and ``channel["computed"]``. Everything happens in
+    the caller's trace.
+    """
+    batch = init[1].node_visits.shape[0]  # mctx's batch: 1 (one search per vmap lane)
+
+    def simulation(i, carry):
+        state, pool, needed, computed = carry
+        channel["pool"], channel["slot"] = pool, jnp.full((batch,), i + 1, jnp.int32)
+        key, tree = body(i, state)
+        pool = channel.pop("pool")
+        emb = tree.embeddings
+        needed = needed + jnp.sum(jnp.where(emb.fresh, emb.token_forwards, 0), axis=-1)
+        computed = computed + jnp.sum(jnp.where(emb.fresh, emb.computed_forwards, 0), axis=-1)
+        tree = tree.replace(embeddings=emb.replace(fresh=jnp.zeros_like(emb.fresh)))
+        return (key, tree), pool, needed, computed
+
+    zeros = jnp.zeros((batch,), jnp.int32)
+    state, _, channel["needed"], channel["computed"] = jax.lax.fori_loop(lower, upper, simulation,
+                                                                         (init, pool, zeros, zeros))
+    return state

@@ -404,13 +404,15 @@ class GRPO:
             prompt = jnp.repeat(out["prompt"], G)
             length = out["length"].reshape(P * G)
             rows = {"tokens": tokens, "prompt_length": prompt, "length": length,
-                    "mask": self._mask(tokens, prompt, length), "token_forwards": out["spent"]}
+                    "mask": self._mask(tokens, prompt, length), "token_forwards": out["spent"],
+                    "computed_token_forwards": out["computed"]}
         else:
             rows = self._rollout(params, keys, inputs["tokens"], inputs["length"], inputs["task_state"],
                                  jnp.float32(s.temperature), lanes=G)
             rows["prompt_length"] = jnp.repeat(inputs["length"], G)
         rows = jax.tree.map(np.asarray, rows)
         rows["token_forwards"] = rows["token_forwards"].astype(np.int64)
+        rows["computed_token_forwards"] = rows["computed_token_forwards"].astype(np.int64)
         reward, solved = self.rewards(problems, rows)
         advantage = np.asarray(group_advantages(reward.reshape(P, G), scale_by_std=not s.dr_grpo)).reshape(P * G)
         rows.update(reward=reward, solved=solved, advantage=advantage,
@@ -466,8 +468,11 @@ class GRPO:
 
         c, record = jax.lax.scan(decide, carry, jnp.arange(M))
         record = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), record)  # [BG, M, ...]
+        # Computed: every decision scores [prefix | K candidates] at full width for all G lanes, M times.
+        K, S = record["candidates"].shape[-2:]
+        computed = jnp.full((B,), G * M * (T + K * S), jnp.int32)
         return dict(tokens=c["tokens"], length=c["length"], token_forwards=c["forwards"].reshape(B, G).sum(1),
-                    **record)
+                    computed_token_forwards=computed, **record)
 
     # ------------------------------------------------------------- learner
     def _policy(self, model, batch):

@@ -296,19 +296,22 @@ class SelfPlayLoop:
                        unit="problem")
         key = jax.random.key(config.seed * 7919 + it)
         self.it.replay.clear()
-        forwards = 0
+        forwards = computed = 0
         for start in range(0, len(problems), sp.actor_batch_size):
             chunk = problems[start: start + sp.actor_batch_size]
             rows = self.play_groups(params, chunk, key, start)
             self.it.replay.add(rows)
             forwards += int(rows["token_forwards"].sum())
+            computed += int(rows["computed_token_forwards"].sum())
             bar.update(len(chunk))
         bar.close()
         self.it.totals["selfplay_token_forwards"] += forwards
+        self.it.totals["selfplay_computed_token_forwards"] += computed
         seconds = time.time() - t0
         chains = self.it.replay.size
         return {**grpo.rollout_metrics(self.it.replay, self.grpo.settings.group_size),
                 "selfplay_episodes": len(problems), "rollouts": chains, "rollout_token_forwards": forwards,
+                "rollout_computed_token_forwards": computed,
                 "selfplay_seconds": seconds, "rollouts_per_s": chains / max(seconds, 1e-9)}
 
     def play_groups(self, params, problems: list[dict], key, first_id: int) -> dict[str, Any]:
@@ -320,7 +323,9 @@ class SelfPlayLoop:
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(first_id, first_id + B))
         rows = self.grpo.play(params, padded, keys)
         n = len(problems)
-        return {k: v[:n] if k == "token_forwards" else v[: n * G] for k, v in rows.items()}
+        # Per problem: the charged forwards of the real problems; computed ones of the padding rows too.
+        return {k: v if k == "computed_token_forwards" else v[:n] if k == "token_forwards" else v[: n * G]
+                for k, v in rows.items()}
 
     def learn(self, it: int) -> dict[str, Any]:
         """``learner_steps`` steps on batches from the replay buffer (or demonstrations: ``sft_only``)."""
