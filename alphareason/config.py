@@ -29,6 +29,7 @@ ConfigDict = ml_collections.ConfigDict
 #   eval      held-out evaluation after training / every iteration
 #   search    mctx search over reasoning steps
 #   selfplay  the AlphaZero loop: iterations, episodes, replay, learner
+#   mesh      the device mesh every phase runs on (``alphareason.parallel``)
 
 
 def default_config() -> ConfigDict:
@@ -113,6 +114,13 @@ def default_config() -> ConfigDict:
     c.selfplay.eval_simulations = 16
     c.selfplay.action_temperature = 1.0  # moves sampled from the search policy (0: argmax)
     c.selfplay.curriculum = False  # easy problems first, by the task's difficulty levels
+
+    # The device mesh of every phase (SFT, self-play, learner, evaluation, strategies): batches are split
+    # over data x fsdp devices, parameters and optimizer state over fsdp (docs/scaling.md). -1: inferred
+    # from the device count (all processes together). The default is plain data parallelism.
+    c.mesh = ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
     return c
 
 

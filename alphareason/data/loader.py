@@ -109,8 +109,12 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        return self.next_rows(slice(0, self.batch_size))
+
+    def next_rows(self, rows: slice) -> dict[str, np.ndarray]:
+        """Rows ``rows`` of the next batch (one process's share of it); the position moves by the whole batch."""
         examples = []
-        for i in range(self.position, self.position + self.batch_size):
+        for i in range(self.position + rows.start, self.position + rows.stop):
             rec = decode_record(self.source[self._index(i)])
             examples.append(encode_example(self.task, rec["prompt"], rec["text"], rec["solved"], self.seq_len,
                                            imitate=rec["solved"] or self.imitate_unsolved))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import mctx
 from flax import struct
 
+from alphareason import parallel
 from alphareason.search.env import EnvConfig, Node, ReasoningEnv
 from alphareason.tasks import Task
 
@@ -113,10 +114,13 @@ class Searcher:
 
     ``seq_len``: the model's context T (``ModelConfig.max_len``). Raises
     ``ValueError`` for settings that cannot work (before compiling).
+    ``mesh`` (optional): the problems are split over its devices and each
+    device searches its own with a full copy of the parameters
+    (``parallel.per_shard``), so the trees are the single-device trees.
     """
 
     def __init__(self, task: Task, graphdef, env_config: EnvConfig, search_config: SearchConfig, *,
-                 seq_len: int, keep_tree: bool = False):
+                 seq_len: int, keep_tree: bool = False, mesh=None):
         depth = search_config.max_depth
         if depth is not None and depth < task.min_steps:
             unit = "tokens" if env_config.candidates == "tokens" else "steps"
@@ -127,7 +131,8 @@ class Searcher:
         self.env = ReasoningEnv(task, graphdef, env_config, seq_len=seq_len, max_depth=depth)
         self.config = search_config
         self.keep_tree = keep_tree
-        self._jitted = jax.jit(self._search)
+        self.mesh = mesh
+        self._jitted = jax.jit(self._search if mesh is None else parallel.per_shard(self._search, mesh))
 
     @property
     def num_candidates(self) -> int:
@@ -139,6 +144,8 @@ class Searcher:
         The tree is always computed (one compilation serves ``keep_tree`` both
         ways); it is dropped here unless ``keep_tree``.
         """
+        if self.mesh is not None:
+            keys, inputs = parallel.shard_batch((keys, inputs), self.mesh)
         result = self._jitted(params, keys, inputs)
         return result if self.keep_tree else result.replace(tree=None)
 
