@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -357,6 +358,10 @@ def initialize_distributed(*, coordinator_address: str | None = None, num_proces
     kwargs = dict(settings or {})
     if settings is not None:
         kwargs["local_device_ids"] = None
+        # If the coordinator runs fewer processes than this id, JAX itself stops this process
+        # ("Unexpected task registered"): this line says what it was trying.
+        print(f"alphareason: joining the run at {settings['coordinator_address']} as process "
+              f"{settings['process_id']} of {settings['num_processes']}", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat_timeout_seconds,
                                    initialization_timeout=max(60, heartbeat_timeout_seconds))
