@@ -115,8 +115,9 @@ class Checkpointer:
             return None
         finally:
             absl_logger.setLevel(level)
-        return {_path_name(path): tuple(leaf.shape)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
+        shapes = {_path_name(path): tuple(leaf.shape)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
+        return shapes or None  # nothing readable (e.g. corrupt metadata): the restore will say so
 
     def check_shapes(self, item: str, target: Any, step: int) -> None:
         """Raises ``CheckpointError`` naming the arrays whose shapes (or presence) differ from ``target``'s."""

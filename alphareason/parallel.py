@@ -317,17 +317,15 @@ def _int_env(environ, name: str) -> int | None:
         raise DistributedError(f"{name}={value!r} must be an integer") from None
 
 
-def cluster_detected(environ=None) -> bool:
-    """Whether the environment is a multi-process job that JAX can set itself up from.
-
-    Cloud TPU pod slices (more than one worker), SLURM jobs with several
-    tasks, Open MPI launches.
-    """
-    environ = os.environ if environ is None else environ
-    workers = environ.get("TPU_WORKER_HOSTNAMES", "")
-    slurm = environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or "1"
-    return ("," in workers or (slurm.isdigit() and int(slurm) > 1) or "OMPI_MCA_orte_hnp_uri" in environ
-            or "OMPI_COMM_WORLD_SIZE" in environ and environ["OMPI_COMM_WORLD_SIZE"] != "1")
+def cluster_detected() -> bool:
+    """Whether JAX's own cluster detection recognises this environment (what ``jax.distributed.initialize()``
+    with no arguments would use): a Cloud TPU VM (GCE or GKE), a SLURM job, an Open MPI launch, a
+    Kubernetes job. Opt-in methods (mpi4py) are not tried."""
+    try:
+        from jax._src.clusters import ClusterEnv
+    except ImportError:  # a JAX without the registry: only explicit settings start a multi-process run
+        return False
+    return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
 
 
 def initialize_distributed(*, coordinator_address: str | None = None, num_processes: int | None = None,

@@ -290,3 +290,22 @@ def test_checkpoint_of_a_4x2_mesh_resumes_on_2x4_and_on_one_device_with_equal_re
         full = np.asarray(out["full"][name], np.float32)
         assert np.max(np.abs(value - full)) <= 1e-5, name  # 1 device continues as the (4, 2) run did
         assert np.max(np.abs(np.asarray(out["resumed_2x4"][name], np.float32) - full)) <= 1e-5, name
+
+
+# ------------------------------------------------------- multi-process settings
+def test_distributed_settings_come_from_flags_or_the_environment_and_bad_ones_are_named():
+    from alphareason.parallel import DistributedError, distributed_settings
+    assert distributed_settings(environ={}) is None  # one process
+    want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert distributed_settings(**want, environ={}) == want
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed_settings(environ=env) == want
+    assert distributed_settings(process_id=0, environ=env)["process_id"] == 0  # a flag wins over the environment
+    with pytest.raises(DistributedError, match="missing --process-id"):
+        distributed_settings(coordinator_address="10.0.0.1:1234", num_processes=2, environ={})
+    with pytest.raises(DistributedError, match="must be HOST:PORT"):
+        distributed_settings(coordinator_address="10.0.0.1", num_processes=2, process_id=0, environ={})
+    with pytest.raises(DistributedError, match="--process-id=2 is outside 0..1 for --num-processes=2"):
+        distributed_settings(coordinator_address="h:1", num_processes=2, process_id=2, environ={})
+    with pytest.raises(DistributedError, match="JAX_NUM_PROCESSES='two' must be an integer"):
+        distributed_settings(environ={**env, "JAX_NUM_PROCESSES": "two"})
