@@ -82,6 +82,9 @@ def measure(config, *, sft_steps: int, selfplay_repeats: int) -> dict:
                                grad_clip=1.0)
     graphdef, state = nnx.split((model, optimizer))
     state = parallel.place_state(state, mesh)
+    device0 = jax.local_devices()[0]
+    state_bytes = sum(int(s.data.nbytes) for x in jax.tree.leaves(state) for s in x.addressable_shards
+                      if s.device == device0)  # parameters + optimizer state held by one device
     step = make_train_step(graphdef, policy_weight=1.0, value_weight=0.5,
                            state_sharding=parallel.state_shardings(state, mesh))
     rng = np.random.default_rng(config.seed)
@@ -132,6 +135,7 @@ def measure(config, *, sft_steps: int, selfplay_repeats: int) -> dict:
     return {
         "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "parameters": count_params(model),
+        "state_bytes_per_device": state_bytes,
         "sft": {"batch_size": B, "seq_len": T, "steps": sft_steps, "compile_seconds": sft_compile,
                 "step_seconds_best": min(times), "step_seconds_median": float(np.median(times)),
                 "tokens_per_s": B * T / min(times), "tokens_per_s_median": B * T / float(np.median(times)),
@@ -203,6 +207,7 @@ def run_scale_bench(out_path: str, *, quick: bool = False, overrides: Sequence[s
     import jax
     overrides = bench_overrides(quick) + list(overrides)
     t_start = time.time()
+    load_before = os.getloadavg()
     rows = []
     for name, processes, devices, data, fsdp in settings:
         measured = run_setting(name, processes, devices, data, fsdp, config_path=config_path,
@@ -212,6 +217,7 @@ def run_scale_bench(out_path: str, *, quick: bool = False, overrides: Sequence[s
                "sft_tokens_per_s": main["sft"]["tokens_per_s"],
                "sft_tokens_per_s_median": main["sft"]["tokens_per_s_median"],
                "sft_step_seconds": main["sft"]["step_seconds_best"],
+               "state_bytes_per_device": main["state_bytes_per_device"],
                "selfplay_episodes_per_s": main["selfplay"]["episodes_per_s"],
                "selfplay_batch_seconds": main["selfplay"]["batch_seconds_best"],
                "sft_compile_seconds": main["sft"]["compile_seconds"],
@@ -245,6 +251,9 @@ def run_scale_bench(out_path: str, *, quick: bool = False, overrides: Sequence[s
         "note": ("All devices are virtual CPU devices of one machine: more devices add overhead, not compute. "
                  "time_ratio = 1-device throughput / this setting's throughput (1.0: no overhead)."),
         "total_seconds": time.time() - t_start,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg()),
+                         "note": "1/5/15-minute load of this machine (shared); above its core count the timings "
+                                 "include waiting for a core"},
     }
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
