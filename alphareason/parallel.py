@@ -20,7 +20,9 @@ inputs live changes, and XLA partitions the work. Both axes are
 ``AxisType.Auto``: with jax's explicit-axis meshes mctx's internal ``vmap``
 fails on sharded batches. The search runs per shard (``per_shard``, a
 ``shard_map``): each device searches its own problems with a full copy of
-the parameters, so its trees are the single-device trees.
+the parameters, so its trees are the single-device trees (the same nodes,
+visits and actions; values equal to float rounding, tested to 1e-6
+relative).
 
 Multi-process (several hosts, or several processes on one): every process
 runs the same program. ``initialize_distributed`` starts JAX's distributed
@@ -248,7 +250,8 @@ def per_shard(fn: Callable, mesh: Mesh, *, num_replicated: int = 1) -> Callable:
     onto every device; the others and every output are split by rows over
     ``data x fsdp``. ``fn`` must treat rows independently (the search does:
     each problem is searched alone under ``vmap``), so each device computes
-    exactly what one device computes for those rows.
+    what one device computes for those rows (up to float rounding: XLA may
+    pick other kernels for a smaller batch).
     """
     def wrapped(*args):
         specs = tuple(P() for _ in args[:num_replicated]) + tuple(P(BATCH) for _ in args[num_replicated:])

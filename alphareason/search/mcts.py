@@ -116,7 +116,8 @@ class Searcher:
     ``ValueError`` for settings that cannot work (before compiling).
     ``mesh`` (optional): the problems are split over its devices and each
     device searches its own with a full copy of the parameters
-    (``parallel.per_shard``), so the trees are the single-device trees.
+    (``parallel.per_shard``), so the trees are the single-device trees
+    (values to float rounding).
     """
 
     def __init__(self, task: Task, graphdef, env_config: EnvConfig, search_config: SearchConfig, *,
