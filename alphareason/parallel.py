@@ -177,11 +177,6 @@ def place_state(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, state, state_shardings(state, mesh))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """A full copy of every array of ``tree`` on every device."""
-    return jax.tree.map(lambda x: place(x, NamedSharding(mesh, P())), tree)
-
-
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows split over ``data x fsdp``; the other ``ndim - 1`` axes whole."""
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))) if ndim else P())
