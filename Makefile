@@ -24,11 +24,13 @@ demo: $(VENV)/.installed
 # hundred page faults instead of tens of thousands. Ignored elsewhere.
 HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
+# Two worker processes (pytest-xdist), each test file on one of them: most of a cold run is XLA
+# compilation, which runs on one core per process.
 test: $(VENV)/.installed
-	$(HUGE_PAGES) $(PY) -m pytest -q -m "not slow" tests
+	$(HUGE_PAGES) $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-all: $(VENV)/.installed
-	$(HUGE_PAGES) $(PY) -m pytest -q tests
+	$(HUGE_PAGES) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/alphareason bench model --out benchmarks/results/model.json

@@ -6,8 +6,14 @@
   alphareason search --workdir DIR --problem "4 9 10 13 -> 24" [--json tree.json]
   alphareason data build --task countdown --size N [--data-dir DIR]
   alphareason tree tree.json [more.json ...] [--html out.html] [--svg out.svg] [--min-visits N]
-  alphareason bench model|search|selfplay|value --out FILE.json
+  alphareason bench model|search|selfplay|value|scale --out FILE.json
   alphareason scaling --config configs/scaling_reduced.py --out DIR [--train] [--workdir TASK=DIR]
+
+Multi-process runs (``train``, ``eval``): start the same command on every
+host with ``--coordinator-address HOST:PORT --num-processes N --process-id I``
+(or the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``); on Cloud TPU pod slices, SLURM and Open MPI no flag is
+needed (docs/scaling.md).
 
 Errors a user can cause are printed as one clear line (exit status 2), not as
 a traceback.
@@ -54,11 +60,20 @@ def _workdir_config(workdir: str, overrides: Sequence[str] = ()):
     return apply_overrides(run_config(workdir), overrides)
 
 
+def _start_processes(args, config) -> None:
+    """Joins a multi-process run when the flags or the environment describe one (before any device is used)."""
+    from alphareason import parallel
+    parallel.initialize_distributed(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                    process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                    fingerprint=parallel.fingerprint(config.to_dict()))
+
+
 # ------------------------------------------------------------------ commands
 def cmd_train(args, overrides) -> int:
     from alphareason.config import load_config
     from alphareason.train.loop import run_training
     config = load_config(args.config, overrides)
+    _start_processes(args, config)
     run_training(config, args.workdir, progress=not args.no_progress)
     return 0
 
@@ -77,8 +92,12 @@ def cmd_eval(args, overrides) -> int:
     from alphareason.eval import Evaluator, format_table, summary, write_results
     from alphareason.run import load_model, split_problems
     from alphareason.tasks import read_problems
+    from alphareason import parallel
+    from alphareason.run import make_mesh
     config = _workdir_config(args.workdir, overrides)
-    model, task, meta = load_model(config, args.workdir)
+    _start_processes(args, config)
+    mesh = make_mesh(config)
+    model, task, meta = load_model(config, args.workdir, mesh=mesh)
     if args.problems:
         problems = read_problems(args.problems, task)
         source = args.problems
@@ -87,8 +106,10 @@ def cmd_eval(args, overrides) -> int:
         source = f"held-out {args.split} split"
     if args.limit:
         problems = problems[: args.limit]
-    evaluator = Evaluator(model, task, _eval_settings(config, args))
+    evaluator = Evaluator(model, task, _eval_settings(config, args), mesh=mesh)
     rows = evaluator.run(problems, jax.random.key(args.seed))
+    if not parallel.is_main_process():  # every process has every row; process 0 reports them
+        return 0
     title = (f"{args.strategy} on {len(problems)} problems from {source} "
              f"(checkpoint: {meta.get('phase', '?')} step {meta.get('step', '?')})")
     print(format_table(rows, title=title))
@@ -232,6 +253,9 @@ def cmd_bench(args, overrides) -> int:
         result = run_value_bench(args.out, workdir=args.workdir, problems=args.problems or 200, overrides=overrides)
         print(format_report(result))
         return 0
+    elif args.what == "scale":
+        from alphareason.bench.scale_bench import run_scale_bench
+        result = run_scale_bench(args.out, quick=args.quick, overrides=overrides)
     else:
         from alphareason.bench.selfplay_bench import run_selfplay_bench
         result = run_selfplay_bench(args.out, config_path=args.config or "configs/countdown_tiny.py",
@@ -261,13 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Config overrides: --config.SECTION.KEY=VALUE (e.g. --config.train.steps=200)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="SFT warm start, then AlphaZero self-play iterations (resumable)")
+    processes = argparse.ArgumentParser(add_help=False)
+    g = processes.add_argument_group("multi-process run (docs/scaling.md)")
+    g.add_argument("--coordinator-address", help="HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, help="processes in the run (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, help="this process, 0..N-1 (env JAX_PROCESS_ID)")
+    g.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds after which a silent process counts as dead and the others stop (default 100)")
+
+    t = sub.add_parser("train", help="SFT warm start, then AlphaZero self-play iterations (resumable)",
+                       parents=[processes])
     t.add_argument("--config", default="configs/countdown_tiny.py")
     t.add_argument("--workdir", required=True)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate the newest checkpoint of a run")
+    e = sub.add_parser("eval", help="evaluate the newest checkpoint of a run", parents=[processes])
     e.add_argument("--workdir", required=True)
     e.add_argument("--problems", help="JSONL problem file (default: the held-out split)")
     e.add_argument("--split", default="validation", choices=["validation", "test"])
@@ -319,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(fn=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks that write JSON results")
-    b.add_argument("what", choices=["model", "search", "selfplay", "value"])
+    b.add_argument("what", choices=["model", "search", "selfplay", "value", "scale"])
     b.add_argument("--problems", type=int, default=0, help="value: held-out problems to sample states from (200)")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
@@ -348,9 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     from alphareason.tasks import ProblemError
     from alphareason.checkpoint import CheckpointError
+    from alphareason.parallel import DistributedError
     try:
         return args.fn(args, overrides)
-    except (UsageError, ConfigError, ProblemError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, ProblemError, CheckpointError, DistributedError, FileNotFoundError) as e:
         message = " ".join(str(e).split())  # one line, whatever the library wrote
         print(f"alphareason {args.command}: error: {message}", file=sys.stderr)
         return 2

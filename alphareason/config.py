@@ -30,6 +30,7 @@ ConfigDict = ml_collections.ConfigDict
 #   search    mctx search over reasoning steps
 #   selfplay  the AlphaZero loop: iterations, episodes, replay, learner
 #   grpo      selfplay.algorithm=grpo: RL on the verifier's reward without search (alphareason/train/grpo.py)
+#   mesh      the device mesh every phase runs on (``alphareason.parallel``)
 
 
 def default_config() -> ConfigDict:
@@ -140,6 +141,12 @@ def default_config() -> ConfigDict:
     c.grpo.dr_grpo = False  # Dr. GRPO: advantages r - mean (no std), no length normalisation (Tunix: done_right)
     c.grpo.temperature = 1.0  # rollout sampling temperature (the policy whose ratio is clipped)
     c.grpo.format_reward = 0.0  # an unsolved chain earns this x its fraction of valid steps; 0: verifier only
+    # The device mesh of every phase (SFT, self-play, learner, evaluation, strategies): batches are split
+    # over data x fsdp devices, parameters and optimizer state over fsdp (docs/scaling.md). -1: inferred
+    # from the device count (all processes together). The default is plain data parallelism.
+    c.mesh = ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
     return c
 
 

@@ -11,7 +11,11 @@ benchmarks, the experiments and notebooks all build the same way:
 * ``make_data_spec(config)``, ``data_dir(config, workdir)``,
   ``split_problems(config, workdir, split)``: the dataset and its splits;
 * ``env_config(config)``, ``search_config(config, ...)``: the search;
-* ``load_model(config, workdir)``: the newest trained network of a run.
+* ``make_mesh(config)``: the device mesh every phase runs on
+  (``mesh.data`` x ``mesh.fsdp``, -1 inferred), and ``place_state`` /
+  ``check_mesh``: parameters and batches on it (``alphareason.parallel``);
+* ``load_model(config, workdir, mesh=...)``: the newest trained network of a
+  run, placed on the mesh (a checkpoint of any mesh restores on any other).
 
 A run directory (``workdir``) holds ``config.json`` (the config it was made
 with; ``run_config`` reads it back), ``data/`` (the TFDS dataset, unless
@@ -148,18 +152,58 @@ def make_optimizer(model, *, learning_rate: float, steps: int, warmup_steps: int
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
+def make_mesh(config: ConfigDict):
+    """The run's device mesh from ``mesh.data`` and ``mesh.fsdp`` (-1: inferred from the device count).
+
+    Raises ``ConfigError`` when the sizes do not fit the devices of all
+    processes together.
+    """
+    from alphareason import parallel
+    try:
+        return parallel.make_mesh(data=int(config.mesh.data), fsdp=int(config.mesh.fsdp))
+    except ValueError as e:
+        import jax
+        raise ConfigError(f"{e} (mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp}; this run sees "
+                          f"{jax.device_count()} devices in {jax.process_count()} process(es))") from None
+
+
+def check_mesh(config: ConfigDict, mesh, *, batches: dict[str, int], model_config: ModelConfig | None = None) -> None:
+    """Refuses batch sizes that do not split over the mesh, and a model width FSDP cannot split.
+
+    ``batches``: ``{"train.batch_size": 64, ...}``, the global batch sizes
+    a phase will use.
+    """
+    from alphareason import parallel
+    try:
+        for name, size in batches.items():
+            parallel.check_batch(size, mesh, name=name)
+        if model_config is not None:
+            parallel.check_model(model_config, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def place_state(state, mesh):
+    """An ``nnx`` state (model, optimizer) placed on ``mesh`` by the parameters' logical axes (FSDP)."""
+    from alphareason import parallel
+    return parallel.place_state(state, mesh)
+
+
 def checkpoint_dir(workdir: str, phase: str) -> str:
     return os.path.join(workdir, "checkpoints", phase)
 
 
-def load_model(config: ConfigDict, workdir: str, *, phase: str | None = None):
+def load_model(config: ConfigDict, workdir: str, *, phase: str | None = None, mesh=None):
     """The newest trained network of a run: self-play if present, else SFT.
 
     Returns ``(model, task, meta)``; ``meta`` is the checkpoint's metadata
     (``phase``, ``step``, ...). Checkpoints hold the split ``(model,
     optimizer)`` state; the optimizer is rebuilt with the same structure and
-    dropped after the restore. Raises ``CheckpointError`` when the run has no
-    checkpoint, naming the command that makes one.
+    dropped after the restore. With ``mesh`` the parameters are read straight
+    into their shardings on it (FSDP over ``fsdp``), whatever mesh wrote the
+    checkpoint. Raises ``CheckpointError`` when the run has no checkpoint,
+    naming the command that makes one, or when the checkpoint's parameter
+    shapes differ from the config's.
     """
     from flax import nnx
 
@@ -174,6 +218,8 @@ def load_model(config: ConfigDict, workdir: str, *, phase: str | None = None):
         model = Transformer(mcfg, rngs=nnx.Rngs(0))
         optimizer = make_optimizer(model, learning_rate=1.0, steps=2, warmup_steps=1, weight_decay=0.0, grad_clip=1.0)
         graphdef, state = nnx.split((model, optimizer))
+        if mesh is not None:
+            state = place_state(state, mesh)
         pure, meta = Checkpointer(directory).restore(snapshot(state))
         model, _ = nnx.merge(graphdef, restore_into(state, pure))
         return model, task, meta

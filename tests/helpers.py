@@ -27,6 +27,7 @@ def micro_config(**task_options):
     c.train.checkpoint_every = 3
     c.eval.num_problems = 8
     c.eval.batch_size = 8
+    c.eval.value_problems = 0  # value diagnostics off (tests/configs_for_tests.py turns them on)
     c.search.num_simulations = 4
     c.search.num_candidates = 4
     c.search.max_num_considered_actions = 4

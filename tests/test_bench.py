@@ -144,3 +144,27 @@ def test_selfplay_bench_of_grpo_from_the_command_line(tmp_path):
     for key in ("rollouts_per_s", "episodes_per_s", "learner_tokens_per_s", "learner_steps_per_s",
                 "selfplay_token_forwards", "learner_token_forwards", "peak_rss_gib"):
         _positive(written[key], key)
+
+
+@pytest.mark.slow
+def test_scale_bench_writes_every_setting_with_the_same_episodes(tmp_path):
+    """`alphareason bench scale` on the micro model: one device, FSDP over two, and two processes."""
+    from alphareason.bench.scale_bench import run_scale_bench
+    out = tmp_path / "scale.json"
+    settings = [("1 device", 1, 1, 1, 1), ("2 devices, FSDP (1 x 2)", 1, 2, 1, 2),
+                ("2 processes x 2 devices", 2, 2, 4, 1)]
+    result = run_scale_bench(str(out), quick=True, settings=settings, log=lambda *_: None,
+                             overrides=SMALL_LOOP + ["selfplay.actor_batch_size=8"])
+    written = json.loads(out.read_text())
+    assert written["settings"] == json.loads(json.dumps(result["settings"]))
+    assert [r["setting"] for r in written["settings"]] == [s[0] for s in settings]
+    for row in written["settings"]:
+        for key in ("sft_tokens_per_s", "selfplay_episodes_per_s", "sft_time_ratio", "selfplay_time_ratio"):
+            _positive(row[key], f"{row['setting']}.{key}")
+        assert row["processes_agree"]
+    assert written["same_episodes_everywhere"]  # every mesh and process count played the same episodes
+    one, fsdp, two = written["settings"]
+    assert (two["processes"], len(two["per_process"]), two["mesh"]) == (2, 2, {"data": 4, "fsdp": 1})
+    # FSDP over two devices: each holds about half of the parameters and Adam state (norms stay whole).
+    assert 0.5 <= fsdp["state_bytes_per_device"] / one["state_bytes_per_device"] < 0.52
+    assert written["selfplay"]["candidates"] == "enumerate" and written["selfplay"]["episodes"] == 8

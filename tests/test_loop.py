@@ -142,11 +142,11 @@ def test_inconsistent_configs_are_refused_before_work(tmp_path, key, value, mess
     assert not os.path.exists(tmp_path / "w" / "checkpoints")  # nothing was started
 
 
-def test_batch_not_divisible_by_devices_is_refused(monkeypatch):
+def test_batch_not_divisible_by_devices_is_refused():
+    from jax.sharding import AbstractMesh
     config = loop_config(actor_batch_size=6)
-    monkeypatch.setattr(jax, "device_count", lambda: 4)
-    with pytest.raises(ConfigError, match="actor_batch_size=6 is not divisible by the 4 devices"):
-        validate_config(config, make_task(config))
+    with pytest.raises(ConfigError, match="actor_batch_size=6 is not divisible by the 4 data-parallel devices"):
+        validate_config(config, make_task(config), AbstractMesh((4, 1), ("data", "fsdp")))
 
 
 def test_replay_ring_buffer_overwrites_oldest_and_round_trips():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,8 +122,7 @@ def notebook_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHAREASON_NOTEBOOK_FAST", "1")
     monkeypatch.setenv("ALPHAREASON_NOTEBOOK_WORKDIR", str(tmp_path / "notebook_run"))
     # Compiled XLA programs are cached across runs, as in the rest of the suite (tests/conftest.py).
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ.get("ALPHAREASON_TEST_JAX_CACHE") or os.path.join(
-        tempfile.gettempdir(), "alphareason-test-jax-cache"))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ["ALPHAREASON_TEST_JAX_CACHE_DIR"])
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     return monkeypatch

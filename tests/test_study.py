@@ -134,6 +134,10 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
         assert os.path.exists(os.path.join(results, f))
     files = sorted(os.listdir(os.path.join(results, "alphazero", "seed0")))
     assert files == ["metrics.jsonl", "run.json", "test_greedy_0.jsonl", "test_greedy_1.jsonl"]
+    evals = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "metrics.jsonl"))]
+    evals = [r for r in evals if r["phase"] == "eval"]
+    for key in ("value_auc_mc", "value_brier_mc", "value_auc_vstar_depth0", "policy_legal_mass"):
+        assert all(key in r for r in evals), key  # value diagnostics in every iteration's record
     rows = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "test_greedy_1.jsonl"))]
     assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
 
@@ -162,15 +166,19 @@ def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
             steps, legal = jax.vmap(TASK.legal_steps)(jax.tree.map(jnp.asarray, state["task_state"]))
             best, best_step = -np.inf, None
             n = int(state["length"][0])
-            for k in np.nonzero(np.asarray(legal[0]))[0]:
+            legal_k = np.nonzero(np.asarray(legal[0]))[0]
+            seqs = np.repeat(np.asarray(state["tokens"][0])[None], len(legal_k), axis=0)
+            for row, k in enumerate(legal_k):  # every legal step written after the state, one full forward each
                 step = np.asarray(steps[0, k])
-                seq = np.asarray(state["tokens"][0]).copy()
                 m = int(np.sum(step != tok.PAD))
-                seq[n: n + m] = step[:m]
-                logits, _ = forward(graphdef, params, jnp.asarray(seq[None]))
-                logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+                seqs[row, n: n + m] = step[:m]
+            logits, _ = forward(graphdef, params, jnp.asarray(seqs))
+            logps = np.asarray(jax.nn.log_softmax(logits, -1))
+            for row, k in enumerate(legal_k):
+                step = np.asarray(steps[0, k])
+                m = int(np.sum(step != tok.PAD))
                 written = ~np.asarray(TASK.tool_written(jnp.asarray(step)))[:m]
-                score = sum(logp[n - 1 + j, step[j]] for j in range(m) if written[j])
+                score = sum(logps[row, n - 1 + j, step[j]] for j in range(m) if written[j])
                 if score > best:
                     best, best_step = score, tok.decode(step[:m])
             text += best_step

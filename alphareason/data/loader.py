@@ -143,8 +143,12 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        return self.next_rows(slice(0, self.batch_size))
+
+    def next_rows(self, rows: slice) -> dict[str, np.ndarray]:
+        """Rows ``rows`` of the next batch (one process's share of it); the position moves by the whole batch."""
         examples = []
-        for i in range(self.position, self.position + self.batch_size):
+        for i in range(self.position + rows.start, self.position + rows.stop):
             rec = decode_record(self.source[self._index(i)])
             labels = (None if self.value_label == "chain" else
                       state_labels(self.task, rec["problem"], rec["text"], rec["solved"], self.value_label))

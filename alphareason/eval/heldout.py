@@ -22,6 +22,10 @@ its result does not depend on the batch it was decoded in.
 Every row: the problem, the solution text, ``solved`` as judged by the
 task's Python verifier, the verifier's reason, the strategy, the difficulty
 and the compute spent in model token forwards (and FLOPs).
+
+On a mesh (``Evaluator(..., mesh=...)``) each batch of problems is split
+over the devices (padded to a multiple of them with copies of its first
+problem); every process gets every row back.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from alphareason import parallel
 from alphareason import tokenizer as tok
 from alphareason.model import flops_per_token
 from alphareason.search.decode import ChainDecoder, LegalStepDecoder
@@ -75,10 +80,13 @@ def _pad_batch(problems: list[Problem], size: int) -> list[Problem]:
 
 
 class Evaluator:
-    """Holds the compiled decoders for one model graph; evaluates lists of problems."""
+    """Holds the compiled decoders for one model graph; evaluates lists of problems.
 
-    def __init__(self, model: nnx.Module, task: Task, settings: EvalSettings):
-        self.task, self.settings = task, settings
+    ``mesh``: the devices the problems of a batch are split over (None: one device).
+    """
+
+    def __init__(self, model: nnx.Module, task: Task, settings: EvalSettings, *, mesh=None):
+        self.task, self.settings, self.mesh = task, settings, mesh
         self.graphdef, self.params = nnx.split(model)
         self.seq_len = model.config.max_len
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
@@ -88,7 +96,8 @@ class Evaluator:
             self.decoder = LegalStepDecoder(task, self.graphdef, seq_len=self.seq_len,
                                             length_normalize=settings.env.length_normalize)
         else:
-            self.decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces)
+            self.decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces,
+                                        mesh=mesh)
         self._episodes: EpisodeRunner | None = None
 
     def set_params(self, model: nnx.Module) -> None:
@@ -99,14 +108,14 @@ class Evaluator:
         """The MCTS episode runner (built on first use)."""
         if self._episodes is None:
             self._episodes = EpisodeRunner(Searcher(self.task, self.graphdef, self.settings.env, self.settings.search,
-                                                    seq_len=self.seq_len))
+                                                    seq_len=self.seq_len, mesh=self.mesh))
         return self._episodes
 
     def run(self, problems: list[Problem], key) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         s = self.settings
         batch = s.batch_size if s.strategy != "sample" else max(1, s.batch_size // s.samples)
-        batch = min(batch, len(problems))
+        batch = parallel.padded_rows(min(batch, len(problems)), self.mesh)
         for start, chunk in _chunks(problems, batch):
             n = len(chunk)
             padded = _pad_batch(chunk, batch)
@@ -134,7 +143,7 @@ class Evaluator:
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jax.numpy.arange(first_id, first_id + len(problems)))
         out = self.decoder(self.params, keys, inputs, lanes=lanes, greedy=s.strategy == "greedy",
                            temperature=s.temperature)
-        out = jax.tree.map(np.asarray, out)
+        out = parallel.to_host(out)
         starts = prompt_lengths(self.task, problems)
         texts = [[tok.decode(out["tokens"][b, j, starts[b]: out["length"][b, j]]) for j in range(lanes)]
                  for b in range(n)]

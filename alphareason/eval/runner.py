@@ -22,6 +22,10 @@ of it ``fold_in(problem_key, j)``, so a problem's chains do not depend on
 the batch or on N: the first n chains of an N-chain run are the chains of an
 n-chain run, which ``run_budgets`` relies on.
 
+On a mesh (``StrategyRunner(..., mesh=...)``) every decode and search
+call's problems are split over the devices (padded to a multiple of them;
+the padding's compute is charged to no problem).
+
 Shapes: ``B`` problems, ``N`` chains (lanes) per problem, ``T`` the
 sequence length, ``S`` the tokens per step.
 """
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alphareason import parallel
 from alphareason import tokenizer as tok
 from alphareason.model import flops_per_token
 from alphareason.eval.budget import lanes_for_budget, simulations_for_budget
@@ -94,11 +99,12 @@ class StrategyRunner:
         with which no chain is ever cut).
       max_lanes: the most chains decoded in one call (problems x N).
       mcts_batch: problems searched in one call.
+      mesh: the devices each call's problems are split over (None: one device).
     """
 
     def __init__(self, model, task: Task, *, cost_estimate: float | None = None, max_lanes: int = 2048,
-                 mcts_batch: int = 32):
-        self.task = task
+                 mcts_batch: int = 32, mesh=None):
+        self.task, self.mesh = task, mesh
         self.graphdef, self.params = nnx.split(model)
         self.seq_len = int(model.config.max_len)
         self.step_len = task.max_step_len
@@ -112,7 +118,7 @@ class StrategyRunner:
         if self.cost_estimate <= 0:
             raise ValueError(f"cost_estimate={cost_estimate} must be positive")
         self.max_lanes, self.mcts_batch = max_lanes, mcts_batch
-        self._decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len)
+        self._decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, mesh=mesh)
         self._searchers: dict[tuple, Searcher] = {}
         self._prompt_env = ReasoningEnv(task, self.graphdef, EnvConfig(num_candidates=1), seq_len=self.seq_len)
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
@@ -271,7 +277,7 @@ class StrategyRunner:
 
     def _lanes(self, problems, ids, key, lanes, budget, temperature, greedy, top_p, *, beam_width) -> _Lanes:
         """Decodes ``lanes`` chains per problem in batches of at most ``max_lanes`` chains."""
-        per_call = max(1, min(len(problems), self.max_lanes // lanes))
+        per_call = parallel.padded_rows(max(1, min(len(problems), self.max_lanes // lanes)), self.mesh)
         parts, idle, idle_computed = [], 0, 0
         for start, end in _chunks(len(problems), per_call):
             chunk = _pad(problems[start:end], per_call)
@@ -280,7 +286,7 @@ class StrategyRunner:
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(chunk_ids))
             out = self._decoder(self.params, keys, jax.tree.map(jnp.asarray, inputs), lanes=lanes, budget=budget,
                                 beam_width=beam_width, greedy=greedy, temperature=temperature, top_p=top_p)
-            out = jax.tree.map(np.asarray, out)
+            out = parallel.to_host(out)
             idle += int(out["spent"][end - start:].sum())
             idle_computed += int(out["computed"][end - start:].sum())
             parts.append(jax.tree.map(lambda x: x[: end - start], out))
@@ -299,7 +305,7 @@ class StrategyRunner:
                             top_p=config.top_p, terminal_reward="verifier" if config.verifier else "value")
             search = SearchConfig(policy=MCTS[config.name], num_simulations=sims,
                                   max_num_considered_actions=config.num_candidates, dirichlet_fraction=0.0)
-            self._searchers[k] = Searcher(self.task, self.graphdef, env, search, seq_len=self.seq_len)
+            self._searchers[k] = Searcher(self.task, self.graphdef, env, search, seq_len=self.seq_len, mesh=self.mesh)
         return self._searchers[k]
 
     def _run_mcts(self, config, problems, budget, key, ids, sims) -> StrategyResult:
@@ -310,7 +316,7 @@ class StrategyRunner:
         """
         runner = EpisodeRunner(self._searcher(config, sims))
         texts, solved, spent, computed, idle, idle_computed = [], [], [], [], 0, 0
-        per_call = min(len(problems), self.mcts_batch)
+        per_call = parallel.padded_rows(min(len(problems), self.mcts_batch), self.mesh)
         for start, end in _chunks(len(problems), per_call):
             n = end - start
             chunk = _pad(problems[start:end], per_call)

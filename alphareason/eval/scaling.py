@@ -480,7 +480,7 @@ def _config_path(path: str) -> str:
 def prepare_model(name: str, spec, out: str, *, train: bool, progress: bool, log: Callable[[str], None]):
     """(model, config, workdir, source): the run in ``spec.workdir`` (default OUT/<name>), trained first if asked."""
     from alphareason.config import ConfigError, load_config, run_config
-    from alphareason.run import load_model
+    from alphareason.run import load_model, make_mesh
     from alphareason.train.sft import train_sft
     workdir = spec.workdir or os.path.join(out, name)
     if train:
@@ -493,13 +493,16 @@ def prepare_model(name: str, spec, out: str, *, train: bool, progress: bool, log
     except ConfigError:
         raise FileNotFoundError(f"{workdir} holds no trained run (no config.json); pass --train to train a small "
                                 f"SFT model there, or --workdir {name}=DIR for an existing run") from None
-    model, _, meta = load_model(config, workdir)
+    model, _, meta = load_model(config, workdir, mesh=make_mesh(config))
     return model, config, workdir, f"{meta.get('phase', '?')} step {meta.get('step', '?')}, {workdir}"
 
 
 def run_task(name: str, model, task, select: list, report_problems: list, settings, *, log: Callable[[str], None],
-             source: str = "", runner=None) -> tuple[dict, list[dict]]:
-    """The study on one task: bins, every strategy at every budget, the compute-optimal policy."""
+             source: str = "", runner=None, mesh=None) -> tuple[dict, list[dict]]:
+    """The study on one task: bins, every strategy at every budget, the compute-optimal policy.
+
+    ``mesh``: the devices the strategies' problems are split over (the run config's mesh).
+    """
     import jax
     from alphareason.model import count_params
     from alphareason.eval.budget import log2_budgets
@@ -507,7 +510,8 @@ def run_task(name: str, model, task, select: list, report_problems: list, settin
     from alphareason.eval.strategy import has_votable_answer, parse_strategy
 
     t0 = time.time()
-    runner = runner or StrategyRunner(model, task, max_lanes=settings.max_lanes, mcts_batch=settings.mcts_batch)
+    runner = runner or StrategyRunner(model, task, max_lanes=settings.max_lanes, mcts_batch=settings.mcts_batch,
+                                      mesh=mesh)
     problems = list(select) + list(report_problems)
     n_sel = len(select)
     is_select = np.arange(len(problems)) < n_sel
@@ -601,7 +605,7 @@ def run_scaling(config, out: str, *, train: bool = False, workdirs: dict[str, st
                 progress: bool = True, command: str = "", log: Callable[[str], None] | None = None) -> dict:
     """The whole study for every task of a scaling config (``configs/scaling_*.py``); writes OUT."""
     import platform
-    from alphareason.run import make_task
+    from alphareason.run import make_mesh, make_task
 
     t0 = time.time()
     log = log or _timestamped(t0)
@@ -623,7 +627,8 @@ def run_scaling(config, out: str, *, train: bool = False, workdirs: dict[str, st
         task = make_task(run_config)
         select = load_problems(run_config, workdir, "validation", config.problems_per_split)
         test = load_problems(run_config, workdir, "test", config.problems_per_split)
-        result, task_rows = run_task(name, model, task, select, test, config, log=log, source=source)
+        result, task_rows = run_task(name, model, task, select, test, config, log=log, source=source,
+                                     mesh=make_mesh(run_config))
         report["tasks"][name] = result
         rows += task_rows
         for task_name, r in report["tasks"].items():

@@ -251,8 +251,20 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 _INIT_CHUNK = 1 << 16
 
 
-def normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
-    """A parameter drawn from N(0, std^2).
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter annotated with one logical axis name per dimension.
+
+    The names (``"vocab"``, ``"embed"``, ``"mlp"``, ``"heads"``, ...) say
+    what each axis is; ``alphareason.parallel`` maps them to mesh axes with
+    one table of rules (FSDP: ``"embed"`` over ``fsdp``) when it places the
+    model on a mesh. The annotation is metadata only (no eager sharding): a
+    model built without a mesh is an ordinary single-device model.
+    """
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def normal(rngs: nnx.Rngs, shape, std: float, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter drawn from N(0, std^2), annotated with the logical ``axes`` (see ``param``).
 
     The normals are drawn in fixed-size chunks so that one compiled random
     kernel serves every parameter shape: drawing each shape directly makes
@@ -266,16 +278,16 @@ def normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
               for i in range(-(-size // _INIT_CHUNK))]
     try:
         flat = np.concatenate([np.asarray(c) for c in chunks])
-        return nnx.Param(jnp.asarray(np.float32(std) * flat[:size].reshape(shape)))
+        return param(jnp.asarray(np.float32(std) * flat[:size].reshape(shape)), axes)
     except jax.errors.TracerArrayConversionError:  # under jit / eval_shape
-        return nnx.Param(np.float32(std) * jnp.concatenate(chunks)[:size].reshape(shape))
+        return param(np.float32(std) * jnp.concatenate(chunks)[:size].reshape(shape), axes)
 
 
 class RMSNorm(nnx.Module):
     """``x / rms(x) * scale``, in float32. ``[..., D] -> [..., D]``."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
-        self.scale = nnx.Param(jnp.asarray(np.ones((dim,), np.float32)))
+        self.scale = param(jnp.asarray(np.ones((dim,), np.float32)), ("norm",))
         self.eps = eps
 
     def __call__(self, x):
@@ -303,8 +315,9 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, dh = config.d_model, config.num_heads, config.head_dim
-        self.qkv = normal(rngs, (d, 3, h, dh), _INIT_STD)  # [D, 3, H, Dh]
-        self.out = normal(rngs, (h, dh, d), _INIT_STD / math.sqrt(2 * config.num_layers))  # [H, Dh, D]
+        self.qkv = normal(rngs, (d, 3, h, dh), _INIT_STD, ("embed", None, "heads", "head_dim"))  # [D, 3, H, Dh]
+        self.out = normal(rngs, (h, dh, d), _INIT_STD / math.sqrt(2 * config.num_layers),
+                          ("heads", "head_dim", "embed"))  # [H, Dh, D]
         self.rope = config.positions == "rope"
         self.dtype = config.dtype
 
@@ -398,8 +411,9 @@ class MLP(nnx.Module):
     """``gelu(x W1) W2``: [B, T, D] -> [B, T, D]."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.up = normal(rngs, (config.d_model, config.d_ff), _INIT_STD)  # [D, F]
-        self.down = normal(rngs, (config.d_ff, config.d_model), _INIT_STD / math.sqrt(2 * config.num_layers))
+        self.up = normal(rngs, (config.d_model, config.d_ff), _INIT_STD, ("embed", "mlp"))  # [D, F]
+        self.down = normal(rngs, (config.d_ff, config.d_model), _INIT_STD / math.sqrt(2 * config.num_layers),
+                           ("mlp", "embed"))  # [F, D]
         self.dtype = config.dtype
 
     def __call__(self, x):
@@ -430,14 +444,15 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = normal(rngs, (config.vocab_size, config.d_model), _INIT_STD)  # [V, D]
+        self.embed = normal(rngs, (config.vocab_size, config.d_model), _INIT_STD, ("vocab", "embed"))  # [V, D]
         if config.positions == "learned":
-            self.pos_embed = normal(rngs, (config.max_len, config.d_model), _INIT_STD)  # [max_len, D]
+            self.pos_embed = normal(rngs, (config.max_len, config.d_model), _INIT_STD,
+                                    ("position", "embed"))  # [max_len, D]
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.d_model)
-        self.policy_head = normal(rngs, (config.d_model, config.vocab_size), _INIT_STD)  # [D, V]
-        self.value_head = nnx.Param(jnp.asarray(np.zeros((config.d_model,), np.float32)))  # [D]
-        self.value_bias = nnx.Param(jnp.asarray(np.zeros((), np.float32)))
+        self.policy_head = normal(rngs, (config.d_model, config.vocab_size), _INIT_STD, ("embed", "vocab"))  # [D, V]
+        self.value_head = param(jnp.asarray(np.zeros((config.d_model,), np.float32)), ("embed",))  # [D]
+        self.value_bias = param(jnp.asarray(np.zeros((), np.float32)), ())
 
     # -- pieces shared by the entry points
     def _embed(self, tokens, positions):

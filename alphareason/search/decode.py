@@ -40,6 +40,10 @@ lane's share of the step loop (its row group's iterations, finished and
 cut lanes included). With ``group_rows`` the lanes run in groups that stop
 separately (``model.sample_step``).
 
+On a mesh (``ChainDecoder(mesh=...)``) the problems are split over the
+devices and each device decodes its own with a full copy of the parameters
+(``parallel.per_shard``): the chains are the single-device chains.
+
 Shapes: ``B`` problems, ``N`` lanes per problem, ``T`` the context, ``S``
 the tokens per step.
 """
@@ -52,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alphareason import parallel
 from alphareason import tokenizer as tok
 from alphareason.model import tile_cache
 from alphareason.model.sampling import sample_step
@@ -92,15 +97,19 @@ class ChainDecoder:
     with ``inputs`` as ``ReasoningEnv.initial`` gives them and one PRNG key
     per problem. ``traces``: write search traces (see the module docstring);
     ``max_steps`` defaults to the task's ``max_trace_steps`` for traces, else
-    its ``max_steps``.
+    its ``max_steps``. ``mesh``: split the problems over its devices (the
+    number of problems must divide by them); the outputs are then global
+    arrays (``parallel.to_host`` brings them to every process).
     """
 
     def __init__(self, task: Task, graphdef, *, seq_len: int, traces: bool = False, max_steps: int | None = None,
-                 group_rows: int | None = None):
+                 group_rows: int | None = None, mesh=None):
         self.task, self.graphdef, self.seq_len, self.traces = task, graphdef, seq_len, traces
         self.group_rows = group_rows
         self.max_steps = max_steps or (task.max_trace_steps if traces else task.max_steps)
-        self._jitted = jax.jit(self._decode, static_argnames=("lanes", "beam_width", "greedy", "top_p"))
+        self.mesh = mesh
+        self._jitted = jax.jit(self._decode if mesh is None else self._decode_per_shard,
+                               static_argnames=("lanes", "beam_width", "greedy", "top_p"))
 
     def __call__(self, params, keys, inputs: dict[str, Any], *, lanes: int = 1, budget: int | None = None,
                  beam_width: int = 1, greedy: bool = False, temperature: float = 1.0,
@@ -126,10 +135,20 @@ class ChainDecoder:
           padded prompt and every lane's loop iterations); lane_computed
           int32[B, N] and prompt_computed int32[B], its parts.
         """
-        return self._jitted(params, keys, inputs["tokens"], inputs["length"], inputs["task_state"],
+        tokens, length, task_state = inputs["tokens"], inputs["length"], inputs["task_state"]
+        if self.mesh is not None:
+            keys, tokens, length, task_state = parallel.shard_batch((keys, tokens, length, task_state), self.mesh)
+        return self._jitted(params, keys, tokens, length, task_state,
                             jnp.int32(NO_BUDGET if budget is None else budget),
                             jnp.float32(max(temperature, 1e-6)), lanes=lanes, beam_width=beam_width,
                             greedy=bool(greedy), top_p=float(top_p))
+
+    def _decode_per_shard(self, params, keys, tokens, length, task_state, budget, temperature, **static):
+        """``_decode`` on each device for its own problems (parameters, budget and temperature whole)."""
+        def local(params, budget, temperature, keys, tokens, length, task_state):
+            return self._decode(params, keys, tokens, length, task_state, budget, temperature, **static)
+        return parallel.per_shard(local, self.mesh, num_replicated=3)(params, budget, temperature, keys, tokens,
+                                                                      length, task_state)
 
     def _decode(self, params, keys, tokens, length, task_state, budget, temperature, *, lanes, beam_width,
                 greedy, top_p):

@@ -11,17 +11,23 @@ until every chain of thought is terminal or the task's step limit is reached
 Each move is recorded exactly as self-play training needs it
 (``MoveRecord``), and each problem ends with its text, the Python verifier's
 verdict and the compute spent.
+
+On a mesh (``Searcher(mesh=...)``) the problems are split over the devices;
+in a multi-process run each process builds the root inputs of its own
+problems only and feeds its own devices, and every process gets the whole
+batch's results back (``parallel.to_host``), so all of them record the same
+moves.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alphareason import parallel
 from alphareason import tokenizer as tok
 from alphareason.search.env import INPUT_KEYS
 from alphareason.search.mcts import Searcher, SearchResult, greedy_action
@@ -74,17 +80,14 @@ def choose_actions(key, visit_counts, action_weights, *, temperature: float):
 class EpisodeRunner:
     """Runs episodes with a ``Searcher``; compiled pieces are cached on the instance."""
 
-    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None,
-                 place: Callable[[Any], Any] | None = None):
-        """``place`` (optional) puts the batch's root inputs on devices, e.g.
-        ``functools.partial(parallel.shard_batch, mesh=mesh)`` to split the
-        problems over the mesh's data axis; the search follows its inputs."""
+    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None):
+        """The searcher's mesh (``Searcher(mesh=...)``), if any, is where the problems go."""
         self.searcher = searcher
         self.env = searcher.env
         self.task = searcher.task
         self.action_temperature = action_temperature
         self.max_moves = max_moves or self.env.max_actions
-        self.place = place
+        self.mesh = getattr(searcher, "mesh", None)
         self._advance = jax.jit(self._advance_impl)
 
     def _advance_impl(self, root, action):
@@ -96,9 +99,13 @@ class EpisodeRunner:
         """Plays one episode per problem. ``problem_ids`` seed each problem's keys (default 0..B-1)."""
         B = len(problems)
         ids = np.arange(B) if problem_ids is None else np.asarray(problem_ids)
-        inputs = jax.tree.map(jnp.asarray, self.env.initial(problems))
-        if self.place is not None:
-            inputs = self.place(inputs)
+        if self.mesh is None:
+            inputs = jax.tree.map(jnp.asarray, self.env.initial(problems))
+        else:  # each process builds and feeds only its own problems
+            parallel.check_batch(B, self.mesh, name="problems per batch")
+            mine = parallel.process_rows(B, self.mesh)
+            inputs = parallel.global_batch(self.env.initial(list(problems)[mine]), self.mesh, B)
+        fetch = parallel.to_host
         forwards = np.zeros((B,), np.int64)
         computed = np.zeros((B,), np.int64)
         steps = np.zeros((B,), np.int32)
@@ -109,24 +116,22 @@ class EpisodeRunner:
                 break
             move_key = jax.random.fold_in(key, move)
             keys = jax.vmap(lambda i: jax.random.fold_in(move_key, i))(jnp.asarray(ids))
-            if self.place is not None:
-                keys = self.place(keys)
             result: SearchResult = self.searcher(params, keys, inputs)
             action = choose_actions(jax.random.fold_in(move_key, 1 << 30), result.visit_counts,
                                     result.action_weights, temperature=self.action_temperature)
             active = ~done
-            forwards += np.where(active, np.asarray(result.token_forwards), 0)
-            computed += np.asarray(result.computed_token_forwards, np.int64)
+            forwards += np.where(active, fetch(result.token_forwards), 0)
+            computed += fetch(result.computed_token_forwards).astype(np.int64)
             if record:
                 moves.append(MoveRecord(
-                    tokens=np.asarray(inputs["tokens"]), length=np.asarray(inputs["length"]),
-                    candidates=np.asarray(result.root.candidates), cand_valid=np.asarray(result.root.cand_valid),
-                    action_weights=np.asarray(result.action_weights), search_value=np.asarray(result.search_value),
-                    network_value=np.asarray(result.network_value), action=np.asarray(action), active=active))
+                    tokens=fetch(inputs["tokens"]), length=fetch(inputs["length"]),
+                    candidates=fetch(result.root.candidates), cand_valid=fetch(result.root.cand_valid),
+                    action_weights=fetch(result.action_weights), search_value=fetch(result.search_value),
+                    network_value=fetch(result.network_value), action=fetch(action), active=active))
             inputs, _ = self._advance(result.root, action)
             steps += active
-            done = np.asarray(inputs["done"])
-        tokens, length = np.asarray(inputs["tokens"]), np.asarray(inputs["length"])
+            done = fetch(inputs["done"])
+        tokens, length = fetch(inputs["tokens"]), fetch(inputs["length"])
         return finish_batch(self.task, problems, tokens, length, forwards, moves, steps, computed)
 
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import mctx
 from flax import nnx, struct
 
+from alphareason import parallel
 from alphareason.search.env import EnvConfig, KVPool, Node, ReasoningEnv
 from alphareason.tasks import Task
 
@@ -125,10 +126,14 @@ class Searcher:
 
     ``seq_len``: the model's context T (``ModelConfig.max_len``). Raises
     ``ValueError`` for settings that cannot work (before compiling).
+    ``mesh`` (optional): the problems are split over its devices and each
+    device searches its own with a full copy of the parameters
+    (``parallel.per_shard``), so the trees are the single-device trees
+    (values to float rounding).
     """
 
     def __init__(self, task: Task, graphdef, env_config: EnvConfig, search_config: SearchConfig, *,
-                 seq_len: int, keep_tree: bool = False):
+                 seq_len: int, keep_tree: bool = False, mesh=None):
         depth = search_config.max_depth
         if depth is not None and depth < task.min_steps:
             unit = "tokens" if env_config.candidates == "tokens" else "steps"
@@ -139,7 +144,8 @@ class Searcher:
         self.env = ReasoningEnv(task, graphdef, env_config, seq_len=seq_len, max_depth=depth)
         self.config = search_config
         self.keep_tree = keep_tree
-        self._jitted = jax.jit(self._search)
+        self.mesh = mesh
+        self._jitted = jax.jit(self._search if mesh is None else parallel.per_shard(self._search, mesh))
         self._node_bytes: int | None = None
 
     @property
@@ -192,6 +198,8 @@ class Searcher:
         would exceed ``max_tree_gib`` raises ``ValueError`` before anything runs.
         """
         self.check_memory(params, int(jax.tree.leaves(inputs)[0].shape[0]))
+        if self.mesh is not None:
+            keys, inputs = parallel.shard_batch((keys, inputs), self.mesh)
         result = self._jitted(params, keys, inputs)
         return result if self.keep_tree else result.replace(tree=None)
 

@@ -20,6 +20,14 @@ killed at any point and restarted with the same command redoes the
 interrupted iteration exactly: its final metrics equal an uninterrupted
 run's.
 
+Every phase runs on the run's mesh (``config.mesh``, built once in
+``run_training``): the model and optimizer state split by their logical
+axes (FSDP over ``fsdp``), actor, learner and evaluation batches split over
+every device. Several processes run the same loop in step: each feeds its
+own rows, every one gets every result back, so their replay buffers and
+learner batches are identical; process 0 writes logs and metrics, and all of
+them write the checkpoints together.
+
 Algorithms (``selfplay.algorithm``), all under the same compute accounting:
   * ``alphazero``: policy distillation of ``action_weights`` + value to outcome
     (+ optional SFT term);
@@ -44,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alphareason import parallel
 from alphareason import tokenizer as tok
 from alphareason.checkpoint import Checkpointer, restore_into, snapshot
 from alphareason.config import ConfigDict, ConfigError
@@ -51,9 +60,9 @@ from alphareason.data import BatchIterator, collate, encode_example
 from alphareason.eval.heldout import EvalSettings, Evaluator, write_results
 from alphareason.eval.value import calibration, flat_metrics, value_report
 from alphareason.model import count_params
-from alphareason.parallel import make_mesh, replicate, shard_batch
-from alphareason.run import (checkpoint_dir, dataset, env_config, load_model, make_model_config, make_optimizer,
-                             make_task, search_config, split_problems, traces)
+from alphareason.parallel import shard_batch
+from alphareason.run import (check_mesh, checkpoint_dir, dataset, env_config, load_model, make_mesh, make_model_config,
+                             make_optimizer, make_task, place_state, search_config, split_problems, traces)
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.mcts import Searcher
 from alphareason.tasks import Task
@@ -71,8 +80,12 @@ TOTALS = ("selfplay_token_forwards", "selfplay_computed_token_forwards", "learne
 
 
 # ------------------------------------------------------------------ config
-def validate_config(config: ConfigDict, task: Task) -> None:
-    """Refuses inconsistent configs before any work starts."""
+def validate_config(config: ConfigDict, task: Task, mesh=None) -> None:
+    """Refuses inconsistent configs before any work starts.
+
+    ``mesh`` (default: ``run.make_mesh(config)``; a ``jax.sharding.AbstractMesh``
+    will do) is where the batches must split evenly.
+    """
     sp = config.selfplay
     if sp.algorithm not in ALGORITHMS:
         raise ConfigError(f"selfplay.algorithm={sp.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -88,18 +101,17 @@ def validate_config(config: ConfigDict, task: Task) -> None:
             f"selfplay.replay_capacity={sp.replay_capacity} is smaller than one iteration's data (up to "
             f"{sp.episodes_per_iteration} episodes x {task.max_steps} moves = {moves_per_iteration}); raise it "
             f"to at least {moves_per_iteration} or lower selfplay.episodes_per_iteration")
-    devices = jax.device_count()
-    for name in ("actor_batch_size", "learner_batch_size"):
-        if sp[name] % devices:
-            raise ConfigError(f"selfplay.{name}={sp[name]} is not divisible by the {devices} devices; "
-                              f"use a multiple of {devices}")
     if config.search.num_candidates < 1 or config.search.num_simulations < 1:
         raise ConfigError("search.num_candidates and search.num_simulations must be >= 1")
     if not 0.0 <= sp.value_lambda <= 1.0:
         raise ConfigError(f"selfplay.value_lambda={sp.value_lambda} must be in [0, 1] (1: the outcome)")
     if sp.policy_target not in POLICY_TARGETS:
         raise ConfigError(f"selfplay.policy_target={sp.policy_target!r}; choose one of {', '.join(POLICY_TARGETS)}")
-    make_model_config(config, task)  # raises if the context is too short for the task
+    model_config = make_model_config(config, task)  # raises if the context is too short for the task
+    check_mesh(config, make_mesh(config) if mesh is None else mesh, model_config=model_config,
+               batches={"train.batch_size": config.train.batch_size,
+                        "selfplay.actor_batch_size": sp.actor_batch_size,
+                        "selfplay.learner_batch_size": sp.learner_batch_size})
     search_config(config)  # validates the policy name and the numbers
     depth = config.search.max_depth
     if depth and depth < task.min_steps:
@@ -132,7 +144,8 @@ def sft_batch_from_trajectories(task: Task, traj: dict[str, np.ndarray]) -> dict
     return collate(examples)
 
 
-def make_learner_step(graphdef, config: ConfigDict, task: Task) -> Callable:
+def make_learner_step(graphdef, config: ConfigDict, task: Task, state_sharding=None) -> Callable:
+    """A jitted ``(state, batch) -> (state, metrics)``; ``state_sharding`` keeps the state where it lives."""
     sp = config.selfplay
     algorithm = sp.algorithm
     weights = {"alphazero": (sp.policy_weight, sp.value_weight, sp.sft_weight),
@@ -152,7 +165,9 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task) -> Callable:
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
 
 
 # ---------------------------------------------------------------- the loop
@@ -172,15 +187,18 @@ class SelfPlayLoop:
     Built from a config, a work directory and the SFT model; ``run(end)``
     resumes from the newest self-play checkpoint and runs iterations up to
     ``end``. Each phase is a method that returns its metrics, so a notebook
-    can drive the loop one phase at a time.
+    can drive the loop one phase at a time. ``mesh``: the devices (default:
+    the config's ``mesh`` section).
     """
 
     def __init__(self, config: ConfigDict, workdir: str, model, task: Task, *, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, mesh=None):
         sp = config.selfplay
-        self.config, self.workdir, self.task, self.progress, self.log = config, workdir, task, progress, log
+        main = parallel.is_main_process()
+        self.config, self.workdir, self.task = config, workdir, task
+        self.progress, self.log = progress and main, log if main else (lambda *_: None)
+        self.mesh = make_mesh(config) if mesh is None else mesh
         self.seq_len = model.config.max_len
-        self.mesh = make_mesh()  # learner batches split over the data axis; parameters replicated
         settings = grpo.grpo_settings(config, task) if sp.algorithm == "grpo" else None
         learner_steps = (grpo.steps_per_iteration(settings, sp.episodes_per_iteration * settings.group_size)
                          if settings else sp.learner_steps)
@@ -189,6 +207,7 @@ class SelfPlayLoop:
                                    warmup_steps=min(50, learner_steps), weight_decay=config.train.weight_decay,
                                    grad_clip=config.train.grad_clip)
         self.graphdef, state = nnx.split((model, optimizer))
+        state = place_state(state, self.mesh)  # FSDP: parameters and moments split over the fsdp axis
         self.grpo, self.reference = None, None
         if settings:  # GRPO: its actor and learner; a rollout buffer instead of replay
             self.grpo = grpo.GRPO(task, nnx.split(model)[0], self.graphdef, settings, seq_len=self.seq_len,
@@ -197,20 +216,18 @@ class SelfPlayLoop:
             if settings.kl_beta:  # the frozen reference: grpo.reference's newest checkpoint, or this run's SFT
                 ref_model = load_model(config, config.grpo.reference or workdir,
                                        phase=None if config.grpo.reference else "sft")[0]
-                self.reference = replicate(nnx.state(ref_model), self.mesh)
+                self.reference = place_state(nnx.state(ref_model), self.mesh)
         else:
             searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config),
-                                seq_len=self.seq_len)
+                                seq_len=self.seq_len, mesh=self.mesh)  # each device searches its own problems
             replay = ReplayBuffer(sp.replay_capacity, seq_len=self.seq_len, num_candidates=searcher.num_candidates,
                                   step_len=task.max_step_len, value_lambda=sp.value_lambda)
-            self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature,
-                                          place=lambda tree: shard_batch(tree, self.mesh))  # problems over data
+            self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature)
         self.ckpt = Checkpointer(checkpoint_dir(workdir, "selfplay"))
-        self.writer = MetricsWriter(workdir)
+        self.writer = MetricsWriter(workdir, enabled=main)
         self.it = IterationState(state=state, replay=replay)
         if self.ckpt.latest_step() is not None:
-            self._restore()
-        self.it.state = replicate(self.it.state, self.mesh)
+            self._restore()  # into the shardings of this run's mesh, whatever mesh wrote it
         validation = split_problems(config, workdir, "validation")
         self.eval_problems = validation[: config.eval.num_problems]
         self.test_problems = split_problems(config, workdir, "test")[: config.eval.test_problems]
@@ -219,10 +236,11 @@ class SelfPlayLoop:
         search = search_config(config, num_simulations=sp.eval_simulations)
         self.evaluators = {
             "greedy": Evaluator(model, task, EvalSettings(strategy="greedy", batch_size=batch, env=env_config(config),
-                                                          search=search, traces=traces(config))),
+                                                          search=search, traces=traces(config)), mesh=self.mesh),
             "mcts": Evaluator(model, task, EvalSettings(strategy="mcts", batch_size=batch, env=env_config(config),
-                                                        search=search))}
-        self.learner_step = self.grpo.learner_step if self.grpo else make_learner_step(self.graphdef, config, task)
+                                                        search=search), mesh=self.mesh)}
+        self.learner_step = self.grpo.learner_step if self.grpo else make_learner_step(
+            self.graphdef, config, task, state_sharding=parallel.state_shardings(self.it.state, self.mesh))
         self.demo_task = make_task(config, demonstrations=True)
         self.demonstrations = (dataset(config, workdir, self.demo_task, demonstrations=True).as_data_source(split="train")
                                if sp.algorithm == "sft_only" else None)
@@ -381,7 +399,7 @@ class SelfPlayLoop:
                 "learner_tokens_per_s": forwards / max(seconds, 1e-9)}
 
     def learn_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """One jitted learner step on a host batch (sharded over the mesh's data axis); returns its metrics."""
+        """One jitted learner step on a host batch (its rows split over the mesh); returns its metrics."""
         self.it.state, metrics = self.learner_step(self.it.state, shard_batch(batch, self.mesh))
         return metrics
 
@@ -400,7 +418,8 @@ class SelfPlayLoop:
         if self.test_problems:  # the reported split: per-problem greedy results, kept for paired tests
             evaluator = self.evaluators["greedy"]
             rows = evaluator.run(self.test_problems, key)
-            write_results(rows, os.path.join(self.workdir, "results", f"test_greedy_{it}.jsonl"))
+            if parallel.is_main_process():
+                write_results(rows, os.path.join(self.workdir, "results", f"test_greedy_{it}.jsonl"))
             values["test_greedy_solve_rate"] = float(np.mean([r["solved"] for r in rows]))
         ev = self.config.eval
         if ev.value_problems:
@@ -452,10 +471,12 @@ def run_training(config: ConfigDict, workdir: str, *, progress: bool = True, log
     """
     workdir = os.path.abspath(workdir)
     task = make_task(config)
-    validate_config(config, task)
+    mesh = make_mesh(config)  # one mesh for every phase of the run
+    validate_config(config, task, mesh)
+    log = log if parallel.is_main_process() else (lambda *_: None)
     t_start = time.time()
-    sft = train_sft(config, workdir, progress=progress, log=log)
-    loop = SelfPlayLoop(config, workdir, sft.model, task, progress=progress, log=log)
+    sft = train_sft(config, workdir, progress=progress, log=log, mesh=mesh)
+    loop = SelfPlayLoop(config, workdir, sft.model, task, progress=progress, log=log, mesh=mesh)
     sp = config.selfplay
     end = sp.iterations if stop_after_iterations is None else min(sp.iterations,
                                                                   loop.it.iteration + stop_after_iterations)

@@ -27,19 +27,26 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records ``{"step": int, "phase": str, ...}`` to jsonl and TensorBoard."""
+    """Appends records ``{"step": int, "phase": str, ...}`` to jsonl and TensorBoard.
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    ``enabled=False`` (every process but process 0 of a multi-process run)
+    writes nothing; ``write`` still returns the record.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, enabled: bool = True):
         self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.enabled = enabled
         self._tb = None
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if tensorboard:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
             self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"), flush_secs=10)
 
     def truncate_after(self, keep: "callable") -> None:
         """Keeps only records for which ``keep(record)`` is true (used on resume)."""
-        if not os.path.exists(self.path):
+        if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -52,6 +59,8 @@ class MetricsWriter:
 
     def write(self, step: int, phase: str, values: dict[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), "phase": phase, **{k: _plain(v) for k, v in values.items()}}
+        if not self.enabled:
+            return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

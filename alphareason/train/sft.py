@@ -7,6 +7,12 @@ the optimizer, the step and the data position, so a killed run resumed with
 the same command continues exactly where it stopped (same batches, same
 numbers). A NaN loss stops the run with a message and keeps the last good
 checkpoint.
+
+It runs on the run's mesh (``mesh.data`` x ``mesh.fsdp``): parameters and
+optimizer state split by their logical axes (FSDP), each batch's rows split
+over every device. In a multi-process run each process encodes and feeds
+only its own rows of each batch; process 0 writes the logs and metrics, and
+all processes write the checkpoints together.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from alphareason import parallel
 from alphareason.checkpoint import Checkpointer, restore_into, snapshot
 from alphareason.config import ConfigDict, ConfigError, upgrade_config
 from alphareason.data import BatchIterator
 from alphareason.data.loader import VALUE_LABELS
 from alphareason.model import Transformer, count_params
-from alphareason.run import checkpoint_dir, dataset, make_data_spec, make_model_config, make_optimizer, make_task
+from alphareason.run import (check_mesh, checkpoint_dir, dataset, make_data_spec, make_mesh, make_model_config,
+                             make_optimizer, make_task, place_state)
 from alphareason.tasks import Task
 from alphareason.train.losses import sft_loss
 from alphareason.train.metrics import MetricsWriter
@@ -40,7 +48,10 @@ class TrainingDiverged(RuntimeError):
 
 # --------------------------------------------------------------------- set-up
 def check_workdir_config(workdir: str, config: ConfigDict, sections=("task", "model", "data")) -> None:
-    """Refuses to resume a workdir created with an incompatible config."""
+    """Refuses to resume a workdir created with an incompatible config; process 0 writes ``config.json``.
+
+    The mesh may change between runs: checkpoints restore on any mesh.
+    """
     path = os.path.join(workdir, "config.json")
     current = json.loads(json.dumps(config.to_dict(), default=str))
     if os.path.exists(path):
@@ -52,6 +63,8 @@ def check_workdir_config(workdir: str, config: ConfigDict, sections=("task", "mo
                 f"{workdir} was created with a different {', '.join(diffs)} config than the one given now; "
                 f"resume with the same config, or use a new --workdir")
     os.makedirs(workdir, exist_ok=True)
+    if not parallel.is_main_process():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)
@@ -70,8 +83,13 @@ def check_value_label(config: ConfigDict, task: Task) -> None:
 
 # ------------------------------------------------------------ the train step
 def make_train_step(graphdef, *, policy_weight: float, value_weight: float,
-                    loss_fn: Callable = sft_loss) -> Callable:
-    """A jitted ``(state, batch) -> (state, metrics)`` over the split (model, optimizer)."""
+                    loss_fn: Callable = sft_loss, state_sharding=None) -> Callable:
+    """A jitted ``(state, batch) -> (state, metrics)`` over the split (model, optimizer).
+
+    ``state_sharding`` (``parallel.state_shardings``) keeps the new state
+    where the old one lived (FSDP: split over ``fsdp``); the batch's rows may
+    be split over the mesh and XLA partitions the step accordingly.
+    """
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
@@ -85,7 +103,9 @@ def make_train_step(graphdef, *, policy_weight: float, value_weight: float,
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
 
 
 @dataclasses.dataclass
@@ -97,11 +117,13 @@ class SFTResult:
 
 
 def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_after: int | None = None,
-              log: Callable[[str], None] = print) -> SFTResult:
+              log: Callable[[str], None] = print, mesh=None) -> SFTResult:
     """Runs (or resumes) SFT to ``config.train.steps``; returns the trained model.
 
     ``stop_after`` stops after that many steps of this call (tests use it to
     simulate a kill; the checkpoint at the stop is what a resume continues).
+    ``mesh``: the devices (default: the config's ``mesh`` section); the
+    returned model's parameters live on it.
     """
     workdir = os.path.abspath(workdir)
     task = make_task(config)
@@ -115,6 +137,11 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
                           "negatives must not be imitated; the unsolved traces train the value head)")
     check_value_label(config, task)
     mcfg = make_model_config(config, task)
+    mesh = make_mesh(config) if mesh is None else mesh
+    check_mesh(config, mesh, batches={"train.batch_size": tcfg.batch_size}, model_config=mcfg)
+    main = parallel.is_main_process()
+    log = log if main else (lambda *_: None)
+    progress = progress and main
     check_workdir_config(workdir, config)
     model = Transformer(mcfg, rngs=nnx.Rngs(config.seed))
     if tcfg.steps == 0:  # tabula rasa: the network as initialised, no demonstrations read
@@ -123,15 +150,17 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     demo_task = make_task(config, demonstrations=True)  # the task itself unless data.sft_task_options is set
     spec = make_data_spec(config, demo_task, demonstrations=True)
     t0 = time.time()
-    source = dataset(config, workdir, demo_task, demonstrations=True).as_data_source(split="train")
+    source = parallel.main_first("sft-dataset", lambda: dataset(config, workdir, demo_task, demonstrations=True)
+                                 ).as_data_source(split="train")
     log(f"data: {len(source)} training examples ({spec.config_name()}), ready in {time.time() - t0:.1f}s")
 
     optimizer = make_optimizer(model, learning_rate=tcfg.learning_rate, steps=tcfg.steps,
                                warmup_steps=tcfg.warmup_steps, weight_decay=tcfg.weight_decay,
                                grad_clip=tcfg.grad_clip)
     graphdef, state = nnx.split((model, optimizer))
+    state = place_state(state, mesh)  # FSDP: each device holds its share of parameters and moments
     ckpt = Checkpointer(checkpoint_dir(workdir, "sft"))
-    metrics_writer = MetricsWriter(workdir)
+    metrics_writer = MetricsWriter(workdir, enabled=main)
     step, position = 0, 0
     if ckpt.latest_step() is not None:
         pure, meta = ckpt.restore(snapshot(state))
@@ -145,17 +174,19 @@ def train_sft(config: ConfigDict, workdir: str, *, progress: bool = True, stop_a
     batches = BatchIterator(source, demo_task, batch_size=tcfg.batch_size, seq_len=mcfg.max_len,
                             seed=config.seed, position=position, imitate_unsolved=imitate_unsolved,
                             value_label=config.data.value_label)
-    train_step = make_train_step(graphdef, policy_weight=tcfg.policy_weight, value_weight=tcfg.value_weight)
+    train_step = make_train_step(graphdef, policy_weight=tcfg.policy_weight, value_weight=tcfg.value_weight,
+                                 state_sharding=parallel.state_shardings(state, mesh))
+    rows = parallel.process_rows(tcfg.batch_size, mesh)  # this process's share of every batch
     last: dict[str, float] = {}
     pending: list[dict] = []
     end = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
     bar = Progress(total=tcfg.steps, initial=step, desc="sft", enabled=progress)
     tokens_seen, t_last = 0, time.time()
     while step < end:
-        batch = next(batches)
+        batch = parallel.global_batch(batches.next_rows(rows), mesh, tcfg.batch_size)
         state, metrics = train_step(state, batch)
         pending.append(metrics)
-        tokens_seen += int(batch["tokens"].size)
+        tokens_seen += int(tcfg.batch_size * mcfg.max_len)
         step += 1
         bar.update(1)
         save_now = step % tcfg.checkpoint_every == 0 or step == end
