@@ -2,7 +2,7 @@
 
 A checkpoint holds named items, each a pytree of arrays saved with
 ``StandardSave`` (``state``: the model and optimizer as pure dicts; the
-self-play loop adds ``replay`` and ``rng``), plus ``meta``: a JSON dict
+self-play loop adds ``replay``), plus ``meta``: a JSON dict
 (step, data position, phase, ...). Any subset of the items can be restored,
 so loading a model for evaluation does not read the replay buffer.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "\n")
-# Characters the tasks write. Prompts look like "4,9,10,13>24:"; steps like
+# Characters the tasks write. Prompts look like "4,9,10,13>24\n"; steps like
 # "13-9=4"; search traces add "#" (backtrack marker), "|" and letters.
 CHARS = "0123456789+-*/=,>:?# |()abcdefghijklmnopqrstuvwxyz."
 

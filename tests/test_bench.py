@@ -132,6 +132,7 @@ def test_selfplay_bench_writes_phases_and_peak_memory(tmp_path):
         run_selfplay_bench(str(out), overrides=SMALL_LOOP, workdir=str(workdir))
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all`
 def test_selfplay_bench_of_grpo_from_the_command_line(tmp_path):
     """``alphareason bench selfplay --config configs/countdown_tiny_grpo.py``: rollouts/s and learner tokens/s."""
     from alphareason.cli import main

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from experiments.selfplay_curves import run_curves
 
 TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
@@ -34,6 +36,7 @@ def test_selfplay_curves_share_the_sft_start_and_write_table_json_and_plot(tmp_p
     assert "| expert_iteration | 1 |" in table
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all`
 def test_selfplay_curves_variants_start_from_the_same_sft_and_bad_variants_are_refused(tmp_path):
     import pytest
     out = str(tmp_path / "ablation")
@@ -60,6 +63,7 @@ def test_selfplay_curves_variants_start_from_the_same_sft_and_bad_variants_are_r
     assert saved["search"]["rescale_values"] is False
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all`
 def test_search_solve_rates_writes_every_row_and_keeps_measured_rows(tmp_path, monkeypatch):
     from alphareason.config import load_config
     from alphareason.train.sft import train_sft

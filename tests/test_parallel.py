@@ -163,7 +163,10 @@ EIGHT_DEVICES = """
     searcher = Searcher(task, graphdef, *settings, seq_len=64, keep_tree=True)
     inputs = jax.tree.map(jnp.asarray, searcher.env.initial(task.generate(5, 8)))
     keys = jax.random.split(jax.random.key(0), 8)
-    one = searcher(params, keys, inputs)
+    # The reference searches each problem alone on one device: the same shapes as each of the 8 shards, so
+    # the floats are those of the same program (a batch of 8 rounds differently in the last bits).
+    parts = [searcher(params, keys[i:i + 1], jax.tree.map(lambda x: x[i:i + 1], inputs)) for i in range(8)]
+    one = jax.tree.map(lambda *xs: jnp.concatenate(xs) if jnp.ndim(xs[0]) else xs[0], *parts)
     mesh = parallel.make_mesh(data=4, fsdp=2)
     many = Searcher(task, graphdef, *settings, seq_len=64, keep_tree=True, mesh=mesh)(
         parallel.place_state(params, mesh), keys, inputs)

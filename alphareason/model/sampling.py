@@ -189,7 +189,8 @@ def sample_step(model: Transformer, cache: KVCache, logits: jax.Array, key: jax.
     def run(r):
         out = _sample_step_rows(model, r["cache"], r["logits"], r["key"], r["tool"], r["value_logits"],
                                 r["active"], **options)
-        return out, out.lane_forwards
+        # every leaf a row axis for run_in_groups; the total is recomputed from the lengths below
+        return out.replace(token_forwards=jnp.zeros_like(out.length)), out.lane_forwards
 
     out, lanes = run_in_groups(run, active, rows, group_rows=group_rows, compact=False)
     # A skipped group (no active row) returns zeros: its rows keep their prefix, logits and value.

@@ -1,12 +1,13 @@
 """The reasoning environment for mctx: states are token sequences, actions are steps.
 
 A node (the mctx embedding, ``Node``) holds the token sequence so far, the
-task state, the K candidate actions proposed at that node and, for sampled
-steps and token-level search, the keys and values of its prefix (a
-``KVCache`` row): mctx stores one embedding per node, ``[B, num_simulations +
-1]`` of them, and hands ``recurrent_fn`` only the parent's, so a child's
-prefix must be in its parent's embedding. ``Searcher`` refuses a tree that
-would not fit its memory budget before it starts.
+task state and the K candidate actions proposed at that node. For sampled
+steps and token-level search the keys and values of its prefix live beside
+the tree, one slot per node in a ``KVPool`` that the ``Searcher``'s
+simulation loop carries (mctx gathers and scatters whole embeddings every
+simulation, so a cache inside the embedding would be copied each time).
+``Searcher`` refuses a tree that would not fit its memory budget before it
+starts.
 
 What an action is (``EnvConfig.candidates``):
   * ``"sample"`` (default): a whole reasoning step, K of them sampled from the
