@@ -92,6 +92,7 @@ SMALL_LOOP = MICRO + ["train.steps=4", "task.options.max_number=10", "task.optio
                       "selfplay.eval_simulations=4"]
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all`
 def test_search_bench_quick_writes_every_figure(tmp_path):
     from alphareason.bench.search_bench import run_search_bench
     out = tmp_path / "search.json"
@@ -114,6 +115,7 @@ def test_search_bench_quick_writes_every_figure(tmp_path):
     _positive(written["versus_ts_llm"]["ratio"], "versus_ts_llm")
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all`
 def test_selfplay_bench_writes_phases_and_peak_memory(tmp_path):
     from alphareason.bench.selfplay_bench import run_selfplay_bench
     from alphareason.config import ConfigError

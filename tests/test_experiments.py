@@ -19,6 +19,7 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.mo
         "--config.selfplay.learner_batch_size=8", "--config.selfplay.eval_simulations=4"]
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all`
 def test_selfplay_curves_share_the_sft_start_and_write_table_json_and_plot(tmp_path):
     out = str(tmp_path / "curves")
     result = run_curves("configs/countdown_tiny.py", out, overrides=TINY, progress=False)
