@@ -69,9 +69,9 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def _network(config_path: str, workdir: str | None, overrides):
     if workdir:
-        from alphareason.config import run_config
+        from alphareason.config import apply_overrides, run_config
         from alphareason.run import load_model
-        config = run_config(workdir)
+        config = apply_overrides(run_config(workdir), overrides)  # e.g. search settings to compare
         model, task, _ = load_model(config, workdir)
         return config, task, model
     config = load_config(config_path, overrides)
@@ -148,7 +148,8 @@ def run_search_bench(out_path: str, *, config_path: str = "configs/game24.py", w
 
     def searcher_for(*, keep_tree=True, distinct=True, k=K, sims=N, search_policy=policy):
         return Searcher(task, graphdef, EnvConfig(num_candidates=k, distinct=distinct,
-                                                  temperature=config.search.candidate_temperature),
+                                                  temperature=config.search.candidate_temperature,
+                                                  group_rows=config.search.group_rows),
                         SearchConfig(policy=search_policy, num_simulations=sims, max_num_considered_actions=k,
                                      max_tree_gib=64.0),
                         seq_len=T, keep_tree=keep_tree)
