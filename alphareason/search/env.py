@@ -174,8 +174,9 @@ class EnvConfig:
         and groups without a node that needs the model are skipped. A group
         decodes until its longest candidate step ends, so smaller groups
         waste less on a trained network's mostly finished nodes and larger
-        ones batch more: 32 was the best of 8 / 32 / 128 for the demo's
-        network at batch 64 (``alphareason bench search``).
+        ones batch more: of 8 / 32 / 128, 32 ran fastest with the demo's
+        network at batch 64 (8 close behind) and far ahead of 8 with an
+        untrained one (``benchmarks/results/search_group_rows/``).
     """
 
     num_candidates: int = 8
