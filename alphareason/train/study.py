@@ -71,19 +71,21 @@ def algorithm_config(config_path: str, overrides: Sequence[str], algorithm: str,
 
 
 def learner_step_cost(config: ConfigDict, task) -> int:
-    """Token forwards of one learner step of ``config``'s algorithm (``loop.learner_token_forwards``)."""
-    from alphareason.run import make_model_config
+    """Token forwards of one learner step of ``config``'s algorithm: ``loop.learner_token_forwards`` of a batch
+    with the shapes the loop's learner batches have (the values do not matter)."""
+    from alphareason.run import env_config, make_model_config
     from alphareason.search.env import ReasoningEnv
-    from alphareason.run import env_config
+    from alphareason.train.loop import learner_token_forwards
     sp, T = config.selfplay, make_model_config(config, task).max_len
     B = sp.learner_batch_size
+    sft = {"sft": {"tokens": np.zeros((B, T), np.int32)}}
     if sp.algorithm == "sft_only":
-        return 3 * B * T
+        return learner_token_forwards(sft)
     K = ReasoningEnv(task, None, env_config(config), seq_len=T).num_candidates
-    cost = B * (T + K * task.max_step_len)
-    if sp.algorithm == "expert_iteration" or sp.sft_weight > 0:
-        cost += B * T
-    return 3 * cost
+    batch = {"tokens": np.zeros((B, T), np.int32), "candidates": np.zeros((B, K, task.max_step_len), np.int32)}
+    if sp.algorithm == "expert_iteration" or sp.sft_weight > 0:  # as the loop's _learner_batch
+        batch.update(sft)
+    return learner_token_forwards(batch)
 
 
 def _per_iteration(rows: list[dict], key: str) -> np.ndarray:
