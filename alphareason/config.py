@@ -140,6 +140,8 @@ def default_config() -> ConfigDict:
     c.grpo.reference = ""  # the reference: a run directory's newest checkpoint; "": this run's SFT checkpoint
     c.grpo.dr_grpo = False  # Dr. GRPO: advantages r - mean (no std), no length normalisation (Tunix: done_right)
     c.grpo.temperature = 1.0  # rollout sampling temperature (the policy whose ratio is clipped)
+    c.grpo.token_budget = 0  # > 0: each iteration's problems (up to episodes_per_iteration) are played until
+    # rollouts + learner (as computed) reach this many token forwards: compute-matched comparisons
     c.grpo.format_reward = 0.0  # an unsolved chain earns this x its fraction of valid steps; 0: verifier only
     # The device mesh of every phase (SFT, self-play, learner, evaluation, strategies): batches are split
     # over data x fsdp devices, parameters and optimizer state over fsdp (docs/scaling.md). -1: inferred

@@ -348,6 +348,27 @@ def test_grpo_run_writes_its_metrics_and_counts_compute(grpo_reference):
     assert rows[2]["learner_examples"] == sum(2 * r["learner_chains"] for r in sp)
 
 
+def test_token_budget_stops_rollouts_at_the_nearest_batch_and_is_spent_as_counted(grpo_reference, tmp_path):
+    """With grpo.token_budget an iteration plays actor batches until rollouts + learner reach the budget; what
+    it spends is exactly the rollouts' computed forwards plus the learner's."""
+    _, _, ref_out = grpo_reference
+    config = grpo_config()
+    reference_rows = ref_out["iterations"]
+    budget = reference_rows[1]["total_token_forwards"]  # what 8 problems (2 actor batches) spent
+    config.selfplay.episodes_per_iteration = 24  # a cap of 6 actor batches
+    config.selfplay.iterations = 1
+    config.grpo.token_budget = budget
+    out = run_training(config, str(tmp_path), progress=False, log=lambda *_: None)
+    r = read_metrics(str(tmp_path), "selfplay")[0]
+    played, spent = r["selfplay_episodes"], r["grpo_budget_spent"]
+    assert r["grpo_token_budget"] == budget and played % 4 == 0 and 4 <= played < 24, (played, budget)
+    assert spent == r["rollout_computed_token_forwards"] + r["learner_token_forwards"]
+    assert out["iterations"][1]["total_token_forwards"] == spent
+    batches = played // 4
+    assert spent + spent / batches / 2 >= budget  # stopped at the batch boundary nearest the budget
+    assert abs(spent - budget) <= spent / batches
+
+
 def test_killed_grpo_run_resumes_exactly(grpo_reference, tmp_path, monkeypatch):
     """Killed mid-rollouts of iteration 2, resumed, killed mid-learning of iteration 2, resumed: the same run."""
     config, ref_dir, ref_out = grpo_reference
@@ -388,6 +409,7 @@ def test_grpo_over_legal_steps_runs_tabula_rasa(tmp_path):
     ("grpo.reference", "EMPTY", "holds no checkpoint"),
     ("search.candidates", "tokens", "token-level candidates are a search setting with no GRPO policy"),
     ("grpo.updates_per_batch", 0, "grpo.updates_per_batch=0"),
+    ("grpo.token_budget", -1, "grpo.token_budget=-1 is negative"),
 ])
 def test_bad_grpo_configs_are_refused_before_work(tmp_path, key, value, message):
     config = grpo_config(kl_beta=0.0)

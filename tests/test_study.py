@@ -142,6 +142,22 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
 
 
+def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteration(tmp_path):
+    """GRPO's learner cost depends on its rollouts, so it is matched by a budget, not by learner steps."""
+    import configs_for_tests
+    from alphareason.run import make_model_config, make_task
+    from alphareason.train import study
+    config_path = configs_for_tests.write_micro(tmp_path)
+    config = study.algorithm_config(config_path, ["grpo.group_size=4"], "grpo", 0)
+    assert config.selfplay.algorithm == "grpo"
+    rows = [{"step": 0, "total_token_forwards": 0}, {"step": 1, "total_token_forwards": 1000},
+            {"step": 2, "total_token_forwards": 3000}]
+    budget, episodes = study.matched_grpo_budget(rows, config, make_task(config))
+    assert budget == 1500  # the mean of 1000 and 2000 per iteration
+    T = make_model_config(config, make_task(config)).max_len
+    assert episodes == max(config.selfplay.actor_batch_size, 4 * -(-1500 // (4 * T)))
+
+
 # ------------------------------------------------------------------ policy over legal steps
 def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
     """Checked against full forwards of every legal step at every state (independent of the scorer)."""

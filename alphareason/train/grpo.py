@@ -90,6 +90,7 @@ class GRPOSettings:
     dr_grpo: bool = False
     temperature: float = 1.0
     format_reward: float = 0.0
+    token_budget: int = 0  # > 0: an iteration plays problems until rollouts + learner reach this many forwards
     minibatch_size: int = 64
     action_space: str = "steps"  # "steps" (free generation) | "legal_steps"
     length_normalize: bool = False  # legal steps: the prior's log-likelihood per model-written token
@@ -126,6 +127,9 @@ def grpo_settings(config: ConfigDict, task: Task | None = None) -> GRPOSettings:
     if not 0.0 <= g.format_reward < 1.0:
         raise ConfigError(f"grpo.format_reward={g.format_reward} must be in [0, 1): an unsolved chain may earn at "
                           f"most that much for its valid steps, less than a solved chain's 1")
+    if g.token_budget < 0:
+        raise ConfigError(f"grpo.token_budget={g.token_budget} is negative; use 0 (every one of "
+                          f"selfplay.episodes_per_iteration problems) or the token forwards one iteration may spend")
     if candidates == "enumerate" and task is not None:
         try:
             jax.eval_shape(task.legal_steps, task.init_state(task.generate(0, 1)[0]))
@@ -134,7 +138,8 @@ def grpo_settings(config: ConfigDict, task: Task | None = None) -> GRPOSettings:
                               f"generator: {e}; use search.candidates='sample'") from e
     return GRPOSettings(group_size=g.group_size, clip_eps=g.clip_eps, updates_per_batch=g.updates_per_batch,
                         kl_beta=g.kl_beta, dr_grpo=g.dr_grpo, temperature=g.temperature,
-                        format_reward=g.format_reward, minibatch_size=sp.learner_batch_size,
+                        format_reward=g.format_reward, token_budget=g.token_budget,
+                        minibatch_size=sp.learner_batch_size,
                         action_space=ACTION_SPACES[candidates],
                         length_normalize=config.search.length_normalize)
 
@@ -156,9 +161,26 @@ def check_reference(config: ConfigDict) -> None:
                           f"grpo.reference=<a run directory with a checkpoint>")
 
 
-def steps_per_iteration(settings: GRPOSettings, num_chains: int) -> int:
-    """The most learner steps one iteration takes (every group with signal): for the learning-rate schedule."""
-    return settings.updates_per_batch * math.ceil(num_chains / settings.minibatch_size)
+def steps_per_iteration(settings: GRPOSettings, num_chains: int, row_tokens: int = 0) -> int:
+    """The most learner steps one iteration takes: for the learning-rate schedule.
+
+    Every one of ``num_chains`` chains has signal or, with ``token_budget`` (and the learner's
+    ``row_tokens``: ``learner_row_tokens``), the whole budget goes to the learner.
+    """
+    u, m = settings.updates_per_batch, settings.minibatch_size
+    steps = u * math.ceil(num_chains / m)
+    if settings.token_budget and row_tokens:
+        steps = min(steps, max(u, u * (settings.token_budget // ((1 + 3 * u) * m * row_tokens))))
+    return steps
+
+
+def learner_row_tokens(task: Task, settings: GRPOSettings, seq_len: int) -> int:
+    """Token forwards of one chain's row in a learner pass: the context (free generation), or every state's
+    prefix and legal candidates (legal steps)."""
+    if settings.action_space == "steps":
+        return seq_len
+    K = ReasoningEnv(task, None, EnvConfig(candidates="enumerate"), seq_len=seq_len).num_candidates
+    return task.max_steps * (seq_len + K * task.max_step_len)
 
 
 # --------------------------------------------------------------- pure pieces
@@ -372,15 +394,14 @@ class GRPO:
             fields.update(mask=((M,), bool), start=((M,), np.int32), candidates=((M, K, S), np.int32),
                           cand_valid=((M, K), bool), action=((M,), np.int32))
             self.max_decisions = M
-            self.row_tokens = M * (T + K * S)  # one learner row: M states, each the prefix and K candidates
             self._rollout = jax.jit(self._legal_rollout, static_argnames=("lanes",))
         else:
             fields["mask"] = ((T - 1,), bool)
             self.decoder = ChainDecoder(task, graphdef, seq_len=seq_len, traces=traces)
             self.max_decisions = (task.max_trace_steps if traces else task.max_steps) * S
-            self.row_tokens = T
             self._mask = jax.jit(lambda t, p, n: decision_mask(task, t, p, n))
         self.fields = fields
+        self.row_tokens = learner_row_tokens(task, settings, seq_len)  # legal steps: M states x (prefix + K steps)
         self._logprobs = jax.jit(self._policy_logprobs_of_params)
         self.learner_step = self._make_learner_step(train_graphdef)
 
@@ -549,6 +570,17 @@ class GRPO:
     def learner_forwards(self, batch: dict[str, np.ndarray]) -> int:
         """Token forwards of one pass of ``batch`` through the model (every row, padding included)."""
         return len(batch["tokens"]) * self.row_tokens
+
+    def learner_cost(self, num_chains: int, *, reference: bool = False) -> int:
+        """Token forwards the learner spends on ``num_chains`` chains with signal, before it runs.
+
+        The rollout (and ``reference``) log-probability passes once each, then ``updates_per_batch`` epochs
+        of loss steps at 3 forwards per token, every pass over minibatches padded to ``minibatch_size``
+        rows: exactly what ``learner_data`` and the loop's learner report.
+        """
+        rows = math.ceil(num_chains / self.settings.minibatch_size) * self.settings.minibatch_size
+        passes = 1 + int(reference) + 3 * self.settings.updates_per_batch
+        return passes * rows * self.row_tokens
 
 
 def _pad_index(idx: np.ndarray, size: int) -> np.ndarray:

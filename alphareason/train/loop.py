@@ -200,7 +200,8 @@ class SelfPlayLoop:
         self.mesh = make_mesh(config) if mesh is None else mesh
         self.seq_len = model.config.max_len
         settings = grpo.grpo_settings(config, task) if sp.algorithm == "grpo" else None
-        learner_steps = (grpo.steps_per_iteration(settings, sp.episodes_per_iteration * settings.group_size)
+        learner_steps = (grpo.steps_per_iteration(settings, sp.episodes_per_iteration * settings.group_size,
+                                                  grpo.learner_row_tokens(task, settings, self.seq_len))
                          if settings else sp.learner_steps)
         optimizer = make_optimizer(model, learning_rate=sp.learning_rate,
                                    steps=max(sp.iterations * learner_steps, 2),
@@ -305,8 +306,14 @@ class SelfPlayLoop:
         return _truncate(batch, len(problems))
 
     def _grpo_selfplay(self, it: int) -> dict[str, Any]:
-        """GRPO's actors: G chains for each of ``episodes_per_iteration`` fresh problems, into the rollout buffer."""
+        """GRPO's actors: G chains for each of ``episodes_per_iteration`` fresh problems, into the rollout buffer.
+
+        With ``grpo.token_budget`` the actor batches stop once the rollouts' computed forwards plus what the
+        learner will spend on the chains with signal (``GRPO.learner_cost``) reach the budget: the batch
+        boundary nearest to it, judged by the mean cost of the batches so far.
+        """
         config, sp = self.config, self.config.selfplay
+        budget = self.grpo.settings.token_budget
         t0 = time.time()
         problems = selfplay_problems(self.task, config, it, self.exclude)
         params = nnx.state(self.model)
@@ -314,21 +321,31 @@ class SelfPlayLoop:
                        unit="problem")
         key = jax.random.key(config.seed * 7919 + it)
         self.it.replay.clear()
-        forwards = computed = 0
-        for start in range(0, len(problems), sp.actor_batch_size):
+        forwards = computed = played = spent = 0
+        for batches, start in enumerate(range(0, len(problems), sp.actor_batch_size), start=1):
             chunk = problems[start: start + sp.actor_batch_size]
             rows = self.play_groups(params, chunk, key, start)
             self.it.replay.add(rows)
             forwards += int(rows["token_forwards"].sum())
             computed += int(rows["computed_token_forwards"].sum())
+            played += len(chunk)
             bar.update(len(chunk))
+            if budget:
+                signal = int(self.it.replay.rows()["signal"].sum())
+                spent = computed + self.grpo.learner_cost(signal, reference=self.reference is not None)
+                if spent + spent / batches / 2 >= budget:
+                    break
         bar.close()
+        if budget and spent + spent / batches / 2 < budget:
+            self.log(f"iteration {it}: GRPO spent {spent:,} of its {budget:,} token forwards on all "
+                     f"{played} problems; raise selfplay.episodes_per_iteration to spend the budget")
+        budget_metrics = {"grpo_token_budget": budget, "grpo_budget_spent": spent} if budget else {}
         self.it.totals["selfplay_token_forwards"] += forwards
         self.it.totals["selfplay_computed_token_forwards"] += computed
         seconds = time.time() - t0
         chains = self.it.replay.size
-        return {**grpo.rollout_metrics(self.it.replay, self.grpo.settings.group_size),
-                "selfplay_episodes": len(problems), "rollouts": chains, "rollout_token_forwards": forwards,
+        return {**grpo.rollout_metrics(self.it.replay, self.grpo.settings.group_size), **budget_metrics,
+                "selfplay_episodes": played, "rollouts": chains, "rollout_token_forwards": forwards,
                 "rollout_computed_token_forwards": computed,
                 "selfplay_seconds": seconds, "rollouts_per_s": chains / max(seconds, 1e-9)}
 

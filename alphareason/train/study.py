@@ -15,8 +15,11 @@ Each (algorithm, seed) run
   steps; every other algorithm gets the learner steps that make its total
   computed token forwards per iteration (self-play + learner, padding
   included) equal alphazero's of the same seed, from its own learner step's
-  cost and alphazero's self-play cost (the actual totals are recorded and
-  plotted, so any mismatch shows);
+  cost and alphazero's self-play cost; ``grpo``, whose learner cost depends
+  on its rollouts, gets alphazero's mean per-iteration total as its
+  ``grpo.token_budget`` (its iterations play problems until rollouts +
+  learner reach it). The actual totals are recorded and plotted, so any
+  mismatch shows;
 * copies its small result files (``metrics.jsonl``, per-problem test
   results of every iteration, ``run.json``) to ``RESULTS/<algorithm>/seed<s>/``
   when it finishes, so a study can run in pieces and be committed run by run.
@@ -51,6 +54,7 @@ ALGORITHM_OVERRIDES = {
                        "selfplay.value_weight=1.0"],
     "expert_iteration": ["selfplay.algorithm=expert_iteration"],
     "sft_only": ["selfplay.algorithm=sft_only"],
+    "grpo": ["selfplay.algorithm=grpo"],
 }
 
 
@@ -101,6 +105,18 @@ def matched_learner_steps(reference_rows: list[dict], config: ConfigDict, task) 
     return max(1, int(round((total - selfplay) / learner_step_cost(config, task))))
 
 
+def matched_grpo_budget(reference_rows: list[dict], config: ConfigDict, task) -> tuple[int, int]:
+    """GRPO's ``(token_budget, episodes_per_iteration)`` that spend what the reference spent per iteration.
+
+    The episodes are only a cap (the budget stops the iteration): four times the problems whose chains,
+    at one full context each, would spend the budget.
+    """
+    from alphareason.run import make_model_config
+    budget = int(round(_per_iteration(reference_rows, "total_token_forwards").mean()))
+    chain = config.grpo.group_size * make_model_config(config, task).max_len
+    return budget, max(config.selfplay.actor_batch_size, 4 * -(-budget // chain))
+
+
 def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Callable[[str], None]) -> str:
     from alphareason.train.sft import train_sft
     sft_dir = os.path.join(runs, f"seed{seed}", "sft")
@@ -127,10 +143,17 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
             raise ConfigError(f"{algorithm} seed {seed} is matched in compute to {REFERENCE} seed {seed}, whose "
                               f"results ({reference}) are missing: run {REFERENCE} for this seed first")
         rows = [json.loads(x) for x in open(reference) if '"phase": "eval"' in x]
-        steps = matched_learner_steps(rows, config, task)
-        log(f"{algorithm} seed {seed}: {steps} learner steps per iteration match {REFERENCE}'s compute")
-        with config.unlocked():
-            config.selfplay.learner_steps = steps
+        if config.selfplay.algorithm == "grpo":
+            budget, episodes = matched_grpo_budget(rows, config, task)
+            log(f"{algorithm} seed {seed}: {budget:,} token forwards per iteration (at most {episodes} problems) "
+                f"match {REFERENCE}'s compute")
+            with config.unlocked():
+                config.grpo.token_budget, config.selfplay.episodes_per_iteration = budget, episodes
+        else:
+            steps = matched_learner_steps(rows, config, task)
+            log(f"{algorithm} seed {seed}: {steps} learner steps per iteration match {REFERENCE}'s compute")
+            with config.unlocked():
+                config.selfplay.learner_steps = steps
     t0 = time.time()
     base = algorithm_config(config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE,
                             seed, variants)
@@ -152,6 +175,9 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
         shutil.copy(path, out)
     info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
             "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
+            **({"grpo_token_budget": config.grpo.token_budget,
+                "episodes_per_iteration": config.selfplay.episodes_per_iteration}
+               if config.selfplay.algorithm == "grpo" else {}),
             "eval": [r for r in read_metrics(workdir, "eval")]}
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(info, f, indent=1)
