@@ -104,7 +104,8 @@ def test_search_bench_quick_writes_every_figure(tmp_path):
         for key in ("expansions_per_s", "expansions_per_cpu_s", "seconds", "computed_per_proposing_expansion",
                     "floor_per_proposing_expansion", "computed_over_floor"):
             _positive(row[key], f"throughput.{key}")
-        assert row["node_expansions"] == row["batch_size"] * 9
+        # every batch size searches the same 4 problems (4 calls of one, one of 4): one workload
+        assert row["problems"] == 4 and row["calls"] == 4 // row["batch_size"] and row["node_expansions"] == 4 * 9
         assert row["computed_token_forwards"] >= row["needed_token_forwards"] > 0
     for key in ("search_seconds", "model_only_seconds", "ratio", "model_only_computed_token_forwards"):
         _positive(written["overhead"][key], f"overhead.{key}")

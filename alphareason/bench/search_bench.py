@@ -6,7 +6,9 @@ TS-LLM comparison (issue 15: Game24, the tiny network, K = 6 candidate steps
 of at most S = 14 tokens, 64 simulations, PUCT), at batch 1, 16 and 64:
 
 * node expansions per second (every node of the tree, root included, counts
-  once; terminal ones too, as TS-LLM's count does) and per process CPU
+  once; terminal ones too, as TS-LLM's count does) over the same 64 problems
+  and keys at every batch size (64 calls of one problem, 4 of 16, one of 64:
+  the same trees, so the rates compare one workload), and per process CPU
   second (the machine is shared: wall time depends on the other processes,
   so the load average is recorded before and after);
 * model token forwards per expansion, needed and computed (padding and idle
@@ -155,30 +157,36 @@ def run_search_bench(out_path: str, *, config_path: str = "configs/game24.py", w
                         seq_len=T, keep_tree=keep_tree)
 
     searcher = searcher_for()
+    W = max(batch_sizes)  # every batch size searches the same W problems with the same keys, W / B calls each
+    all_keys = jax.random.split(jax.random.key(0), W)
     for B in batch_sizes:
-        inputs = jax.tree.map(jnp.asarray, searcher.env.initial(problems[:B]))
-        keys = jax.random.split(jax.random.key(0), B)
+        chunks = [(jax.tree.map(jnp.asarray, searcher.env.initial(problems[s: s + B])), all_keys[s: s + B])
+                  for s in range(0, W, B)]
         t0 = time.perf_counter()
-        res = _block(searcher(params, keys, inputs))
+        _block(searcher(params, chunks[0][1], chunks[0][0]))
         first = time.perf_counter() - t0
-        wall, cpu = _time(lambda: searcher(params, keys, inputs), repeats)
-        t = jax.tree.map(np.asarray, res.tree)
-        emb = t.embeddings
-        expanded = t.node_visits > 0
+        wall, cpu = _time(lambda: [searcher(params, k, x) for x, k in chunks], repeats)
+        results = [jax.tree.map(np.asarray, searcher(params, k, x)) for x, k in chunks]
+        emb = jax.tree.map(lambda *xs: np.concatenate(xs), *[r.tree.embeddings for r in results])
+        visits = np.concatenate([r.tree.node_visits for r in results])
+        expanded = visits > 0
         proposing = expanded & ~emb.done
         children = proposing & (emb.depth > 0)
         # The floor: every proposing node decodes K candidates of up to S tokens and pushes its own step (S) or,
         # at the root, its prompt (the prefill's padded width).
         floor = int(proposing.sum()) * K * S + int(children.sum()) * S + int(proposing[:, 0].sum()) * T
-        nodes = B * (N + 1)
-        needed, computed = int(res.token_forwards.sum()), int(res.computed_token_forwards.sum())
-        row = {"batch_size": B, "seconds": wall, "cpu_seconds": cpu, "compile_seconds": max(first - wall, 0.0),
+        nodes = W * (N + 1)
+        needed = sum(int(r.token_forwards.sum()) for r in results)
+        computed = sum(int(r.computed_token_forwards.sum()) for r in results)
+        row = {"batch_size": B, "problems": W, "calls": len(chunks), "seconds": wall, "cpu_seconds": cpu,
+               "compile_seconds": max(first - wall / len(chunks), 0.0),
                "node_expansions": nodes, "expansions_per_s": nodes / wall, "expansions_per_cpu_s": nodes / cpu,
                "proposing_expansions": int(proposing.sum()), "terminal_node_fraction": float(emb.done[expanded].mean()),
                "needed_token_forwards": needed, "computed_token_forwards": computed, "floor_token_forwards": floor,
                "needed_per_expansion": needed / nodes, "computed_per_expansion": computed / nodes,
                "computed_per_proposing_expansion": computed / max(int(proposing.sum()), 1),
                "floor_per_proposing_expansion": floor / max(int(proposing.sum()), 1),
+               "computed_token_forwards_per_s": computed / wall,
                "floor_per_expansion_formula": f"K x S + S = {K * S + S} (root: K x S + T = {K * S + T})",
                "computed_over_floor": computed / max(floor, 1)}
         result["throughput"].append(row)
