@@ -155,7 +155,7 @@ def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteratio
     budget, episodes = study.matched_grpo_budget(rows, config, make_task(config))
     assert budget == 1500  # the mean of 1000 and 2000 per iteration
     T = make_model_config(config, make_task(config)).max_len
-    assert episodes == max(config.selfplay.actor_batch_size, 4 * -(-1500 // (4 * T)))
+    assert episodes == max(config.selfplay.actor_batch_size, -(-1500 // (4 * T)))
 
 
 # ------------------------------------------------------------------ policy over legal steps

@@ -108,13 +108,15 @@ def matched_learner_steps(reference_rows: list[dict], config: ConfigDict, task) 
 def matched_grpo_budget(reference_rows: list[dict], config: ConfigDict, task) -> tuple[int, int]:
     """GRPO's ``(token_budget, episodes_per_iteration)`` that spend what the reference spent per iteration.
 
-    The episodes are only a cap (the budget stops the iteration): four times the problems whose chains,
-    at one full context each, would spend the budget.
+    The episodes are only a cap (the budget stops the iteration): the problems whose chains, at one full
+    context each, would spend the budget on rollouts alone (a chain ends at its answer, and the learner
+    spends on the chains with signal: the budget is spent before the cap in practice; the loop says so
+    if not). A task has finitely many distinct problems, so a cap far above that could not be generated.
     """
     from alphareason.run import make_model_config
     budget = int(round(_per_iteration(reference_rows, "total_token_forwards").mean()))
     chain = config.grpo.group_size * make_model_config(config, task).max_len
-    return budget, max(config.selfplay.actor_batch_size, 4 * -(-budget // chain))
+    return budget, max(config.selfplay.actor_batch_size, -(-budget // chain))
 
 
 def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Callable[[str], None]) -> str:
