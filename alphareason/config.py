@@ -124,6 +124,10 @@ def default_config() -> ConfigDict:
     # "softmax": CE between action_weights and the softmax of the K candidates' log-likelihoods;
     # "likelihood": -sum_k action_weights[k] * log p(candidate k) (the sequences' own probabilities).
     c.selfplay.policy_target = "softmax"
+    # "softmax" with K distinct sampled candidates: the network's logits over them carry the same correction as
+    # the search's prior (minus log P(drawn)), so the fixed point of the distillation is the improved policy
+    # itself and not it divided by the candidates' inclusion probabilities (Sampled MuZero, Hubert et al. 2021).
+    c.selfplay.sampled_set_correction = True
     c.selfplay.eval_simulations = 16
     c.selfplay.action_temperature = 1.0  # moves sampled from the search policy (0: argmax)
     c.selfplay.curriculum = False  # easy problems first, by the task's difficulty levels

@@ -182,6 +182,39 @@ def test_policy_loss_is_cross_entropy_to_action_weights_and_learns(task):
     assert losses[-1] < entropy + 0.25
 
 
+def test_sampled_set_correction_makes_the_searchs_own_prior_a_fixed_point(task):
+    """Candidates drawn without replacement: the search's prior is log pi - log q (q = P(drawn)). If the search
+    adds nothing (target = softmax of that prior), the corrected loss is already at its minimum (zero policy
+    gradient); the uncorrected one pulls the network towards pi / q, away from its own most likely step."""
+    model = perturbed_model(ModelConfig.micro(max_len=48), seed=5, scale=0.05)
+    _, tokens, length, cands = _states(task, seed=1)
+    valid = np.ones((B, K), bool)
+    log_q = np.tile(np.array([0.0, -0.5, -2.0, -3.0], np.float32), (B, 1))
+    logits, _ = candidate_logits(model, NO_TOOL, jnp.asarray(tokens), jnp.asarray(length), jnp.asarray(cands),
+                                 jnp.ones((B, K), bool), length_normalize=False)
+    prior = np.asarray(logits) - log_q
+    target = np.asarray(jax.nn.softmax(prior, -1))
+    batch = jax.tree.map(jnp.asarray, {
+        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": target,
+        "cand_log_inclusion": log_q, "search_value": np.zeros((B,), np.float32),
+        "outcome": np.zeros((B,), np.float32)})
+    graphdef, state = nnx.split(model)
+
+    def policy_loss(s, correction):
+        return selfplay_loss(nnx.merge(graphdef, s), batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0,
+                             sampled_set_correction=correction)[1]["policy_loss"]
+
+    corrected, uncorrected = policy_loss(state, True), policy_loss(state, False)
+    log_p = np.asarray(jax.nn.log_softmax(prior, -1))
+    np.testing.assert_allclose(float(corrected), -np.mean(np.sum(target * log_p, -1)), rtol=1e-5)  # the entropy
+    log_pi = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(float(uncorrected), -np.mean(np.sum(target * log_pi, -1)), rtol=1e-5)
+    norm = lambda g: float(optax.global_norm(g))  # noqa: E731
+    g_corrected = norm(jax.grad(policy_loss)(state, True))
+    g_uncorrected = norm(jax.grad(policy_loss)(state, False))
+    assert g_uncorrected > 1e-3 and g_corrected < 1e-3 * g_uncorrected, (g_corrected, g_uncorrected)
+
+
 def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, model):
     """Invalid steps are pushed down (target 0) instead of being ignored; repeats are left out."""
     _, tokens, length, cands = _states(task, seed=2)

@@ -43,6 +43,7 @@ class MoveRecord:
     candidates: np.ndarray  # int32[B, K, S]
     cand_valid: np.ndarray  # bool[B, K]
     action_weights: np.ndarray  # float32[B, K]: search policy (training target)
+    cand_log_inclusion: np.ndarray  # float32[B, K]: log P(candidate drawn) of a distinct sample (0 otherwise)
     search_value: np.ndarray  # float32[B]
     network_value: np.ndarray  # float32[B]
     action: np.ndarray  # int32[B]: the candidate taken (its step: ``candidates[b, action[b]]``)
@@ -126,7 +127,8 @@ class EpisodeRunner:
                 moves.append(MoveRecord(
                     tokens=fetch(inputs["tokens"]), length=fetch(inputs["length"]),
                     candidates=fetch(result.root.candidates), cand_valid=fetch(result.root.cand_valid),
-                    action_weights=fetch(result.action_weights), search_value=fetch(result.search_value),
+                    action_weights=fetch(result.action_weights),
+                    cand_log_inclusion=fetch(result.root.cand_log_inclusion), search_value=fetch(result.search_value),
                     network_value=fetch(result.network_value), action=fetch(action), active=active))
             inputs, _ = self._advance(result.root, action)
             steps += active

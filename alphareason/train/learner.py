@@ -5,7 +5,9 @@ per step):
 
 * policy: cross-entropy between the search's ``action_weights`` and the
   softmax over the K candidates of their log-likelihoods under the current
-  network (the quantity the search uses as its prior). Invalid candidates
+  network (the quantity the search uses as its prior), corrected like the
+  prior for candidates drawn without replacement (``selfplay_loss``'s
+  ``sampled_set_correction``). Invalid candidates
   stay in the softmax with target 0, so the network learns to avoid them;
   only repeated candidates are left out. The log-likelihoods come from one
   parallel pass over ``[state | cand_0 | ... | cand_{K-1}]``
@@ -56,13 +58,23 @@ def candidate_logits(model, task, tokens, length, candidates, mask, *, length_no
 
 def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 1.0, value_weight: float = 1.0,
                   sft_weight: float = 0.0, value_target: str = "outcome",
-                  length_normalize: bool = False, policy_target: str = "softmax"):
+                  length_normalize: bool = False, policy_target: str = "softmax",
+                  sampled_set_correction: bool = True):
     """Total loss and metrics for one learner batch.
 
     ``batch`` holds the replay fields (``tokens, length, candidates,
-    cand_valid, action_weights, search_value, outcome``) and, when
-    ``sft_weight > 0``, ``sft``: a batch in the SFT format
-    (``tokens, targets_mask, value_target, value_mask``).
+    cand_valid, action_weights, search_value, outcome``; optionally
+    ``cand_log_inclusion``) and, when ``sft_weight > 0``, ``sft``: a batch in
+    the SFT format (``tokens, targets_mask, value_target, value_mask``).
+
+    ``sampled_set_correction`` (softmax target): the network's logits over the
+    candidates are their log-likelihoods minus ``cand_log_inclusion`` (a
+    constant), as in the search's prior. The search's target is
+    ``softmax(log pi - log q + sigma(Q))`` over the sample; matching it with
+    ``softmax(log pi_theta - log q)`` has its optimum at
+    ``pi_theta ~ pi * exp(sigma(Q))`` on the sample (the improved policy),
+    while ``softmax(log pi_theta)`` would learn ``pi * exp(sigma(Q)) / q``:
+    probability moved towards the candidates that were unlikely to be drawn.
     """
     if policy_target not in POLICY_TARGETS:
         raise ValueError(f"selfplay.policy_target={policy_target!r}; choose one of {POLICY_TARGETS}")
@@ -83,7 +95,11 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
         target = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-9)
         log_pi = jax.nn.log_softmax(logits, axis=-1)
         if policy_target == "softmax":
-            per_row = -jnp.sum(jnp.where(distinct, target * log_pi, 0.0), axis=-1)
+            log_p = log_pi
+            if sampled_set_correction and "cand_log_inclusion" in batch:
+                corrected = jnp.where(distinct, logits - jax.lax.stop_gradient(batch["cand_log_inclusion"]), NEG_INF)
+                log_p = jax.nn.log_softmax(corrected, axis=-1)
+            per_row = -jnp.sum(jnp.where(distinct, target * log_p, 0.0), axis=-1)
         else:  # "likelihood": the candidates' own log-likelihoods, not renormalised over the K
             per_row = -jnp.sum(jnp.where(weights > 0, target * logits, 0.0), axis=-1)
         policy_loss = jnp.sum(jnp.where(has_target, per_row, 0.0)) / jnp.maximum(jnp.sum(has_target), 1)

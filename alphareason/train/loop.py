@@ -159,7 +159,8 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task, state_sharding=N
             return selfplay_loss(m, batch, policy_weight=weights[0], value_weight=weights[1],
                                  sft_weight=weights[2], value_target=sp.value_target, task=task,
                                  length_normalize=config.search.length_normalize,
-                                 policy_target=sp.policy_target)
+                                 policy_target=sp.policy_target,
+                                 sampled_set_correction=sp.sampled_set_correction)
 
         (_, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -548,7 +549,7 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
         return None
     moves = replay.sample_moves(rng, sp.learner_batch_size)
     batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
-                                        "search_value", "outcome", "td_lambda")})
+                                        "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
     needs_sft = sp.algorithm == "expert_iteration" or sp.sft_weight > 0
     if needs_sft:
         traj = replay.sample_trajectories(rng, sp.learner_batch_size)

@@ -20,8 +20,8 @@ import numpy as np
 from alphareason import tokenizer as tok
 from alphareason.search.episodes import EpisodeBatch
 
-MOVE_FIELDS = ("tokens", "length", "candidates", "cand_valid", "action_weights", "search_value",
-               "outcome", "td_lambda", "action")
+MOVE_FIELDS = ("tokens", "length", "candidates", "cand_valid", "action_weights", "cand_log_inclusion",
+               "search_value", "outcome", "td_lambda", "action")
 
 
 def lambda_returns(search_values: np.ndarray, outcome: float, lam: float) -> np.ndarray:
@@ -52,7 +52,8 @@ class ReplayBuffer:
         self.moves = {
             "tokens": np.zeros((C, T), np.int32), "length": np.ones((C,), np.int32),
             "candidates": np.zeros((C, K, S), np.int32), "cand_valid": np.zeros((C, K), bool),
-            "action_weights": np.zeros((C, K), np.float32), "search_value": np.zeros((C,), np.float32),
+            "action_weights": np.zeros((C, K), np.float32), "cand_log_inclusion": np.zeros((C, K), np.float32),
+            "search_value": np.zeros((C,), np.float32),
             "outcome": np.zeros((C,), np.float32), "td_lambda": np.zeros((C,), np.float32),
             "action": np.zeros((C,), np.int32),
         }
@@ -83,7 +84,8 @@ class ReplayBuffer:
             for r in rows:
                 self._put_move({"tokens": move.tokens[r], "length": move.length[r],
                                 "candidates": move.candidates[r], "cand_valid": move.cand_valid[r],
-                                "action_weights": move.action_weights[r], "search_value": move.search_value[r],
+                                "action_weights": move.action_weights[r],
+                                "cand_log_inclusion": move.cand_log_inclusion[r], "search_value": move.search_value[r],
                                 "outcome": outcome[r], "td_lambda": td[r][taken[r]], "action": move.action[r]})
                 taken[r] += 1
                 added += 1
@@ -127,6 +129,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.moves = {k: np.asarray(v) for k, v in state["moves"].items()}
         self.moves.setdefault("td_lambda", self.moves["outcome"].copy())  # replays saved before TD(lambda) targets
+        self.moves.setdefault("cand_log_inclusion", np.zeros_like(self.moves["action_weights"]))  # and before this
         self.trajectories = {k: np.asarray(v) for k, v in state["trajectories"].items()}
         self.counters = np.asarray(state["counters"], np.int64).copy()
 
