@@ -36,13 +36,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--test-problems", type=int, default=1000)
     r.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="an extra algorithm: NAME and its config overrides (repeatable)")
+    r.add_argument("--unmatched", action="store_true",
+                   help="no compute matching: every algorithm runs its config's learner steps (learner ablations)")
+    r.add_argument("--reference", default="alphazero", help="the algorithm the paired tests compare with")
     r.add_argument("--no-progress", action="store_true")
     g = sub.add_parser("report", help="aggregate the runs present: study.json, study.md, study.png")
     g.add_argument("--results", required=True)
     g.add_argument("--title", default="")
+    g.add_argument("--reference", default="alphazero", help="the algorithm the paired tests compare with")
     args = p.parse_args(rest)
     if args.command == "report":
-        out = study.report(args.results, title=args.title)
+        out = study.report(args.results, title=args.title, reference=args.reference)
         print(study.markdown(out))
         return 0
     variants = {v[0]: v[1:] for v in args.variant}
@@ -51,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         for algorithm in order:
             study.run_one(args.config, overrides, algorithm, seed, runs=runs, results=args.results,
-                          variants=variants, test_problems=args.test_problems, progress=not args.no_progress)
-    out = study.report(args.results)
+                          variants=variants, test_problems=args.test_problems, progress=not args.no_progress,
+                          matched=not args.unmatched)
+    out = study.report(args.results, reference=args.reference)
     print(study.markdown(out))
     return 0
 

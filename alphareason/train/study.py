@@ -128,8 +128,10 @@ def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Ca
 
 def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: int, *, runs: str, results: str,
             variants: dict[str, Sequence[str]] | None = None, test_problems: int = 1000, progress: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs (or resumes) one (algorithm, seed) of a study and copies its results into ``results``."""
+            matched: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs (or resumes) one (algorithm, seed) of a study and copies its results into ``results``.
+
+    ``matched=False`` (ablations of one learner): every algorithm runs its config's own learner steps."""
     from alphareason.run import make_task
     from alphareason.train.loop import run_training
     from alphareason.train.metrics import read_metrics
@@ -139,7 +141,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
         raise ConfigError(f"the study reports {test_problems} test problems but data.test_size is "
                           f"{config.data.test_size}; raise data.test_size (or lower --test-problems)")
     task = make_task(config)
-    if algorithm != REFERENCE:
+    if algorithm != REFERENCE and matched:
         reference = os.path.join(results, run_name(REFERENCE, seed), "metrics.jsonl")
         if not os.path.exists(reference):
             raise ConfigError(f"{algorithm} seed {seed} is matched in compute to {REFERENCE} seed {seed}, whose "
@@ -176,6 +178,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
     for path in glob.glob(os.path.join(workdir, "results", "test_greedy_*.jsonl")):
         shutil.copy(path, out)
     info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
+            "matched_compute": matched, "variant_overrides": list((variants or {}).get(algorithm, [])),
             "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
             **({"grpo_token_budget": config.grpo.token_budget,
                 "episodes_per_iteration": config.selfplay.episodes_per_iteration}
@@ -219,12 +222,14 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
-def report(results: str, *, title: str = "") -> dict[str, Any]:
-    """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there."""
+def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict[str, Any]:
+    """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there.
+
+    Paired tests compare every algorithm with ``reference``."""
     runs = _load_runs(results)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {results} (each writes <algorithm>/seed<s>/run.json)")
-    out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}}
+    out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}, "reference": reference}
     for algorithm, seeds in runs.items():
         iterations = sorted(set.intersection(*[set(s["test"]) for s in seeds.values()]))
         per_it = []
@@ -240,10 +245,10 @@ def report(results: str, *, title: str = "") -> dict[str, Any]:
                            "total_token_forwards": float(np.mean(compute)),
                            "validation_greedy": mean_interval([v for v in val if v is not None])})
         out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it}
-    if REFERENCE in runs:
-        ref = runs[REFERENCE]
+    if reference in runs:
+        ref = runs[reference]
         for algorithm, seeds in runs.items():
-            if algorithm == REFERENCE:
+            if algorithm == reference:
                 continue
             a, b = [], []
             for seed, run in seeds.items():
@@ -254,7 +259,7 @@ def report(results: str, *, title: str = "") -> dict[str, Any]:
                 a += [ref[seed]["test"][it][k] for k in common]
                 b += [run["test"][it][k] for k in common]
             if a:
-                out["paired"][algorithm] = {"against": REFERENCE, **mcnemar(np.array(a), np.array(b))}
+                out["paired"][algorithm] = {"against": reference, **mcnemar(np.array(a), np.array(b))}
     with open(os.path.join(results, "study.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(results, "study.md"), "w") as f:
@@ -269,14 +274,15 @@ def markdown(study: dict[str, Any]) -> str:
              "Policy-only (greedy) solve rate on the test split, mean over seeds [95% t interval]; compute is "
              "the mean total token forwards (self-play + learner, as computed) at the last iteration.", ""]
     its = max(len(a["iterations"]) for a in study["algorithms"].values())
-    head = "| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its)) + " | compute | vs alphazero |"
+    ref = study.get("reference", REFERENCE)
+    head = "| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its)) + f" | compute | vs {ref} |"
     lines += [head, "|" + "---|" * (its + 4)]
     for name, a in study["algorithms"].items():
         cells = [f"{x['test_greedy']['mean']:.1%} [{x['test_greedy']['low']:.1%}, {x['test_greedy']['high']:.1%}]"
                  for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
         paired = study["paired"].get(name)
         versus = (f"p = {paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
-                  f"alphazero / {name})" if paired else "")
+                  f"{ref} / {name})" if paired else "")
         compute = a["iterations"][-1]["total_token_forwards"] if a["iterations"] else 0
         lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells) + f" | {compute:,.0f} | {versus} |")
     return "\n".join(lines) + "\n"
