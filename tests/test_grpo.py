@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -351,7 +352,9 @@ def test_grpo_run_writes_its_metrics_and_counts_compute(grpo_reference):
 def test_token_budget_stops_rollouts_at_the_nearest_batch_and_is_spent_as_counted(grpo_reference, tmp_path):
     """With grpo.token_budget an iteration plays actor batches until rollouts + learner reach the budget; what
     it spends is exactly the rollouts' computed forwards plus the learner's."""
-    _, _, ref_out = grpo_reference
+    _, ref_dir, ref_out = grpo_reference
+    for part in ("data", os.path.join("checkpoints", "sft")):  # the reference's SFT start: no second SFT
+        shutil.copytree(os.path.join(ref_dir, part), os.path.join(str(tmp_path), part))
     config = grpo_config()
     reference_rows = ref_out["iterations"]
     budget = reference_rows[1]["total_token_forwards"]  # what 8 problems (2 actor batches) spent
