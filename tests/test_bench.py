@@ -114,6 +114,9 @@ def test_search_bench_quick_writes_every_figure(tmp_path):
     # The random network gives every step a nonzero probability: 8 distinct candidates at every proposing node.
     assert all(r["distinct_candidates"] == 8 for r in written["distinct"]["without_replacement"])
     _positive(written["versus_ts_llm"]["ratio"], "versus_ts_llm")
+    ceiling = written["decoder_ceiling"]
+    assert ceiling["one_node"]["rows"] == 6 and ceiling["batched"]["rows"] == 4 * 6  # K = 6, batch 4
+    _positive(ceiling["speedup"], "decoder_ceiling.speedup")
 
 
 @pytest.mark.slow  # minutes on 2 cores; `make test-all`

@@ -277,10 +277,8 @@ def forward_throughput(model, tokens, repeats: int) -> dict:
             "tokens_per_s": tokens.size / best, "tokens_per_s_median": tokens.size / median}
 
 
-def decode_speed(model, prompt, new_tokens: int, repeats: int) -> dict:
-    """Greedy generation of ``new_tokens`` after ``prompt`` [B, P]: KV cache vs recomputing the prefix."""
-    graphdef, params = nnx.split(model)
-    batch, prompt_len = prompt.shape
+def cached_decoder(graphdef, batch: int, prompt_len: int, new_tokens: int) -> Callable:
+    """A jitted ``(params, prompt [B, P]) -> tokens [B, new_tokens]``: one prefill, then greedy KV-cached steps."""
     total = prompt_len + new_tokens
 
     @jax.jit
@@ -296,6 +294,16 @@ def decode_speed(model, prompt, new_tokens: int, repeats: int) -> dict:
 
         _, tokens = jax.lax.scan(body, (logits, cache), None, length=new_tokens)
         return tokens.T  # [B, new_tokens]
+
+    return cached
+
+
+def decode_speed(model, prompt, new_tokens: int, repeats: int) -> dict:
+    """Greedy generation of ``new_tokens`` after ``prompt`` [B, P]: KV cache vs recomputing the prefix."""
+    graphdef, params = nnx.split(model)
+    batch, prompt_len = prompt.shape
+    total = prompt_len + new_tokens
+    cached = cached_decoder(graphdef, batch, prompt_len, new_tokens)
 
     @jax.jit
     def next_token(params, tokens):  # one jitted program per prefix length

@@ -24,7 +24,11 @@ of at most S = 14 tokens, 64 simulations, PUCT), at batch 1, 16 and 64:
   what a paged layout of one step segment per node would store instead (S
   positions, the path gathered at every expansion);
 * distinct candidates per depth with the sampler with and without
-  replacement at the demo's settings (Gumbel, K = 8, 16 simulations).
+  replacement at the demo's settings (Gumbel, K = 8, 16 simulations);
+* the decoder's own batching ceiling: the KV-cached decoder alone, S tokens
+  for K rows (one node) against 64 x K rows, in token forwards per second:
+  a search at the floor of token forwards cannot gain more from batching
+  on its model calls than that ratio.
 
 Without ``--workdir`` the network is freshly initialised (``--config``,
 default Game24; it writes mostly invalid steps, so most nodes are terminal);
@@ -111,6 +115,22 @@ def model_only_fn(searcher: Searcher):
         return jax.lax.fori_loop(0, num, body, (pool, root.computed_forwards[0]))[1]
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
+
+
+def decoder_ceiling(graphdef, params, *, K: int, S: int, T: int, batch: int, repeats: int) -> dict:
+    """The KV-cached decoder alone: S greedy tokens after a (T - S)-token prefix for K rows (one node's
+    candidates) and for ``batch`` x K rows, in token forwards per second; their ratio bounds what batching
+    can gain on the model calls of a search at the floor."""
+    from alphareason.bench.model_bench import cached_decoder
+    out = {"new_tokens": S, "prompt_len": T - S}
+    for name, rows in (("one_node", K), ("batched", batch * K)):
+        fn = cached_decoder(graphdef, rows, T - S, S)
+        prompt = jax.random.randint(jax.random.key(3), (rows, T - S), 4, 20, jnp.int32)
+        _block(fn(params, prompt))
+        wall, _ = _time(lambda: fn(params, prompt), max(repeats, 3))
+        out[name] = {"rows": rows, "seconds": wall, "token_forwards_per_s": rows * T / wall}
+    out["speedup"] = out["batched"]["token_forwards_per_s"] / out["one_node"]["token_forwards_per_s"]
+    return out
 
 
 def distinct_per_depth(tree, max_depth: int) -> list[dict]:
@@ -200,6 +220,9 @@ def run_search_bench(out_path: str, *, config_path: str = "configs/game24.py", w
                                rows[first_b]["expansions_per_s"], "target": 4.0}
     result["versus_ts_llm"] = {"batch": last_b, "ratio": rows[last_b]["expansions_per_s"] / TS_LLM_EXPANSIONS_PER_S,
                                "target": 10.0}
+    result["decoder_ceiling"] = decoder_ceiling(graphdef, params, K=K, S=S, T=T, batch=last_b, repeats=repeats)
+    print(f"the decoder alone: {result['decoder_ceiling']['speedup']:.2f}x the token forwards/s with "
+          f"{last_b} x K rows as with K (the most batching can give the model's share)", flush=True)
 
     # The tree's overhead: the same model calls without mctx.
     B = overhead_batch
