@@ -158,6 +158,23 @@ def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteratio
     assert episodes == max(config.selfplay.actor_batch_size, -(-1500 // (4 * T)))
 
 
+def test_report_pairs_every_algorithm_with_the_chosen_reference(tmp_path):
+    """An ablation's report: paired McNemar tests against ``reference`` on the problems both runs solved or not."""
+    from alphareason.train import study
+    solved = {"corrected": [1, 1, 1, 0, 0, 1], "uncorrected": [1, 0, 0, 0, 1, 1]}
+    for name, outcomes in solved.items():
+        folder = tmp_path / name / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 0}]}))
+        (folder / "test_greedy_0.jsonl").write_text("".join(
+            json.dumps({"problem": {"id": i}, "solved": bool(x), "reason": ""}) + "\n" for i, x in enumerate(outcomes)))
+    out = study.report(str(tmp_path), reference="corrected")
+    assert set(out["paired"]) == {"uncorrected"}
+    paired = out["paired"]["uncorrected"]
+    assert (paired["against"], paired["a_only"], paired["b_only"], paired["n"]) == ("corrected", 2, 1, 6)
+    assert "vs corrected" in study.markdown(out)
+
+
 # ------------------------------------------------------------------ policy over legal steps
 def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
     """Checked against full forwards of every legal step at every state (independent of the scorer)."""
