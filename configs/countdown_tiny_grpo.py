@@ -17,10 +17,10 @@ def get_config():
     c = demo_config()
     c.name = "countdown_tiny_grpo"
     c.selfplay.algorithm = "grpo"
-    # 2048 problems x 8 chains per iteration (64 problems = 512 chains per actor batch): about the token
-    # forwards AlphaZero's 512 searched episodes spend per iteration on this config (255k vs 231k); the
-    # learner takes the chains of groups with signal in minibatches of 64 chains, one epoch, at AlphaZero's
-    # learning rate (2e-4).
+    # 2048 problems x 8 chains per iteration (64 problems = 512 chains per actor batch); the learner takes
+    # the chains of groups with signal in minibatches of 64 chains, one epoch, at AlphaZero's learning rate
+    # (2e-4). To spend what AlphaZero spends per iteration (self-play + learner), set grpo.token_budget
+    # instead: experiments/selfplay_study.py does (about 3.5M token forwards, about 5,000 problems here).
     c.selfplay.episodes_per_iteration = 2048
     c.grpo.group_size = 8
     c.grpo.updates_per_batch = 1
