@@ -7,7 +7,9 @@
   python experiments/selfplay_study.py report --results benchmarks/results/study/countdown_tiny
 
 ``alphazero`` runs first for each seed: the other algorithms are matched to
-its compute. See ``alphareason.train.study``.
+its compute (``grpo`` through ``grpo.token_budget``). Learner ablations at
+equal learner steps instead: ``--unmatched --reference NAME`` with
+``--variant NAME key=value ...``. See ``alphareason.train.study``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ Each (algorithm, seed) run
 ``report(RESULTS)`` aggregates whichever runs are present: per iteration and
 algorithm the mean test solve rate (policy only, greedy) over seeds with a
 95% t interval, against the mean total compute; and at the last iteration an
-exact McNemar test of every algorithm against ``alphazero`` on the same test
+exact McNemar test of every algorithm against the reference (``alphazero``, or
+``reference``: for ablations run with ``matched=False``) on the same test
 problems, pooled over the seeds both have. It writes ``study.json``,
 ``study.md`` and ``study.png``.
 """
