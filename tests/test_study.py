@@ -158,6 +158,30 @@ def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteratio
     assert episodes == max(config.selfplay.actor_batch_size, -(-1500 // (4 * T)))
 
 
+def test_learner_batches_and_their_cost_hold_only_the_terms_in_use(tmp_path):
+    """Expert iteration without a value term scores no candidates: its batches are SFT rows, costed as such."""
+    import configs_for_tests
+    from alphareason.run import make_model_config, make_task
+    from alphareason.train import study
+    from alphareason.train.loop import _learner_batch
+    from alphareason.train.replay import ReplayBuffer
+    path = configs_for_tests.write_micro(tmp_path)
+    config = study.algorithm_config(path, ["selfplay.value_weight=0.0"], "expert_iteration", 0)
+    task = make_task(config)
+    T, S, B = make_model_config(config, task).max_len, task.max_step_len, config.selfplay.learner_batch_size
+    K = config.search.num_candidates
+    replay = ReplayBuffer(8, seq_len=T, num_candidates=K, step_len=S)
+    replay._put_move({"tokens": np.ones((T,), np.int32), "length": 3})
+    replay._put_traj(np.ones((T,), np.int32), 2, 5)
+    batch = _learner_batch(replay, np.random.default_rng(0), config.selfplay, task, None)
+    assert set(batch) == {"sft"}
+    assert study.learner_step_cost(config, task) == 3 * B * T
+    with_value = study.algorithm_config(path, ["selfplay.value_weight=0.5"], "expert_iteration", 0)
+    batch = _learner_batch(replay, np.random.default_rng(0), with_value.selfplay, task, None)
+    assert {"sft", "candidates", "action_weights"} <= set(batch)
+    assert study.learner_step_cost(with_value, task) == 3 * B * (T + K * S) + 3 * B * T
+
+
 def test_report_pairs_every_algorithm_with_the_chosen_reference(tmp_path):
     """An ablation's report: paired McNemar tests against ``reference`` on the problems both runs solved or not."""
     from alphareason.train import study

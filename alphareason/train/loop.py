@@ -541,6 +541,16 @@ def learner_token_forwards(batch: dict[str, Any]) -> int:
     return 3 * n
 
 
+def learner_batch_parts(sp) -> tuple[bool, bool]:
+    """(replayed moves, SFT rows): what a learner batch of ``selfplay`` config ``sp`` holds. Moves are scored
+    (one pass over each state and its K candidates) only when a policy or value term uses them."""
+    if sp.algorithm == "sft_only":
+        return False, True
+    if sp.algorithm == "expert_iteration":
+        return sp.value_weight > 0, True
+    return sp.policy_weight > 0 or sp.value_weight > 0, sp.sft_weight > 0
+
+
 def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
     if sp.algorithm == "sft_only":
         return {"sft": next(demo_iter)}
@@ -548,9 +558,10 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
     if replay.size == 0:
         return None
     moves = replay.sample_moves(rng, sp.learner_batch_size)
-    batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
-                                        "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
-    needs_sft = sp.algorithm == "expert_iteration" or sp.sft_weight > 0
+    use_moves, needs_sft = learner_batch_parts(sp)
+    if use_moves:
+        batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
+                                            "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
     if needs_sft:
         traj = replay.sample_trajectories(rng, sp.learner_batch_size)
         if traj is None:

@@ -80,16 +80,14 @@ def learner_step_cost(config: ConfigDict, task) -> int:
     with the shapes the loop's learner batches have (the values do not matter)."""
     from alphareason.run import env_config, make_model_config
     from alphareason.search.env import ReasoningEnv
-    from alphareason.train.loop import learner_token_forwards
+    from alphareason.train.loop import learner_batch_parts, learner_token_forwards
     sp, T = config.selfplay, make_model_config(config, task).max_len
     B = sp.learner_batch_size
-    sft = {"sft": {"tokens": np.zeros((B, T), np.int32)}}
-    if sp.algorithm == "sft_only":
-        return learner_token_forwards(sft)
-    K = ReasoningEnv(task, None, env_config(config), seq_len=T).num_candidates
-    batch = {"tokens": np.zeros((B, T), np.int32), "candidates": np.zeros((B, K, task.max_step_len), np.int32)}
-    if sp.algorithm == "expert_iteration" or sp.sft_weight > 0:  # as the loop's _learner_batch
-        batch.update(sft)
+    moves, sft = learner_batch_parts(sp)
+    batch: dict[str, Any] = {"sft": {"tokens": np.zeros((B, T), np.int32)}} if sft else {}
+    if moves:
+        K = ReasoningEnv(task, None, env_config(config), seq_len=T).num_candidates
+        batch.update(tokens=np.zeros((B, T), np.int32), candidates=np.zeros((B, K, task.max_step_len), np.int32))
     return learner_token_forwards(batch)
 
 
