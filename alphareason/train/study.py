@@ -274,8 +274,9 @@ def markdown(study: dict[str, Any]) -> str:
              "the mean total token forwards (self-play + learner, as computed) at the last iteration.", ""]
     its = max(len(a["iterations"]) for a in study["algorithms"].values())
     ref = study.get("reference", REFERENCE)
-    head = "| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its)) + f" | compute | vs {ref} |"
-    lines += [head, "|" + "---|" * (its + 4)]
+    head = ("| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its))
+            + f" | last, per seed | compute | vs {ref} |")
+    lines += [head, "|" + "---|" * (its + 5)]
     for name, a in study["algorithms"].items():
         cells = [f"{x['test_greedy']['mean']:.1%} [{x['test_greedy']['low']:.1%}, {x['test_greedy']['high']:.1%}]"
                  for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
@@ -283,7 +284,9 @@ def markdown(study: dict[str, Any]) -> str:
         versus = (f"p = {paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
                   f"{ref} / {name})" if paired else "")
         compute = a["iterations"][-1]["total_token_forwards"] if a["iterations"] else 0
-        lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells) + f" | {compute:,.0f} | {versus} |")
+        per_seed = ", ".join(f"{r:.1%}" for r in a["iterations"][-1]["rates"]) if a["iterations"] else ""
+        lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells)
+                     + f" | {per_seed} | {compute:,.0f} | {versus} |")
     return "\n".join(lines) + "\n"
 
 
