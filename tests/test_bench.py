@@ -15,6 +15,7 @@ def _positive(value, name):
     assert isinstance(value, (int, float)) and value > 0, f"{name} = {value!r}"
 
 
+@pytest.mark.slow  # half a minute of compilation on 2 cores; `make test-all`
 def test_model_bench_quick_writes_every_figure(tmp_path):
     out = tmp_path / "model.json"
     result = run_model_bench(str(out), quick=True, overrides=MICRO, train_steps=4, matmul_sizes=(64,),

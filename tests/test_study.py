@@ -118,18 +118,17 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     kw = dict(runs=runs, results=results, test_problems=8, progress=False, log=lambda *_: None)
     with pytest.raises(ConfigError, match="run alphazero for this seed first"):
         study.run_one(config_path, [], "sft_only", 0, **kw)
-    for seed in (0, 1):
-        for algorithm in ("alphazero", "sft_only"):
-            study.run_one(config_path, [], algorithm, seed, **kw)
+    for algorithm in ("alphazero", "sft_only"):  # one seed here; aggregation over seeds: the report test below
+        study.run_one(config_path, [], algorithm, 0, **kw)
     out = study.report(results, title="micro")
     assert set(out["algorithms"]) == {"alphazero", "sft_only"}
     for name, a in out["algorithms"].items():
-        assert a["seeds"] == [0, 1] and [i["iteration"] for i in a["iterations"]] == [0, 1]
+        assert a["seeds"] == [0] and [i["iteration"] for i in a["iterations"]] == [0, 1]
     az, sft = out["algorithms"]["alphazero"]["iterations"][-1], out["algorithms"]["sft_only"]["iterations"][-1]
     # matched compute: within one of sft_only's learner steps of alphazero's total
     step = study.learner_step_cost(study.algorithm_config(config_path, [], "sft_only", 0), TASK)
     assert abs(sft["total_token_forwards"] - az["total_token_forwards"]) <= step
-    assert out["paired"]["sft_only"]["n"] == 16  # 8 test problems x 2 seeds
+    assert out["paired"]["sft_only"]["n"] == 8  # 8 test problems
     for f in ("study.json", "study.md", "study.png"):
         assert os.path.exists(os.path.join(results, f))
     files = sorted(os.listdir(os.path.join(results, "alphazero", "seed0")))
@@ -182,21 +181,30 @@ def test_learner_batches_and_their_cost_hold_only_the_terms_in_use(tmp_path):
     assert study.learner_step_cost(with_value, task) == 3 * B * (T + K * S) + 3 * B * T
 
 
-def test_report_pairs_every_algorithm_with_the_chosen_reference(tmp_path):
-    """An ablation's report: paired McNemar tests against ``reference`` on the problems both runs solved or not."""
+def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_reference(tmp_path):
+    """Per iteration the mean and t interval over seeds; at the last iteration paired McNemar tests against
+    ``reference``, pooled over the seeds both have."""
     from alphareason.train import study
-    solved = {"corrected": [1, 1, 1, 0, 0, 1], "uncorrected": [1, 0, 0, 0, 1, 1]}
-    for name, outcomes in solved.items():
-        folder = tmp_path / name / "seed0"
+    solved = {("corrected", 0): [1, 1, 1, 0, 0, 1], ("uncorrected", 0): [1, 0, 0, 0, 1, 1],
+              ("corrected", 1): [1, 1, 0, 0, 0, 0], ("uncorrected", 1): [0, 0, 0, 0, 0, 0]}
+    for (name, seed), outcomes in solved.items():
+        folder = tmp_path / name / f"seed{seed}"
         folder.mkdir(parents=True)
-        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 0}]}))
+        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 100 * seed}]}))
         (folder / "test_greedy_0.jsonl").write_text("".join(
             json.dumps({"problem": {"id": i}, "solved": bool(x), "reason": ""}) + "\n" for i, x in enumerate(outcomes)))
     out = study.report(str(tmp_path), reference="corrected")
+    corrected = out["algorithms"]["corrected"]
+    assert corrected["seeds"] == [0, 1]
+    rates = corrected["iterations"][0]["rates"]
+    assert rates == pytest.approx([4 / 6, 2 / 6])
+    assert corrected["iterations"][0]["test_greedy"] == pytest.approx(mean_interval(rates))
+    assert corrected["iterations"][0]["total_token_forwards"] == 50.0  # the mean over seeds
     assert set(out["paired"]) == {"uncorrected"}
     paired = out["paired"]["uncorrected"]
-    assert (paired["against"], paired["a_only"], paired["b_only"], paired["n"]) == ("corrected", 2, 1, 6)
-    assert "vs corrected" in study.markdown(out)
+    assert (paired["against"], paired["a_only"], paired["b_only"], paired["n"]) == ("corrected", 4, 1, 12)
+    table = study.markdown(out)
+    assert "vs corrected" in table and "66.7%, 33.3%" in table
 
 
 # ------------------------------------------------------------------ policy over legal steps
