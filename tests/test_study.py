@@ -153,8 +153,10 @@ def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteratio
             {"step": 2, "total_token_forwards": 3000}]
     budget, episodes = study.matched_grpo_budget(rows, config, make_task(config))
     assert budget == 1500  # the mean of 1000 and 2000 per iteration
+    # The cap: the fewest problems whose chains (4 per problem), at one full context each, spend the budget.
     T = make_model_config(config, make_task(config)).max_len
-    assert episodes == max(config.selfplay.actor_batch_size, -(-1500 // (4 * T)))
+    assert episodes * 4 * T >= 1500 and (episodes == config.selfplay.actor_batch_size
+                                         or (episodes - 1) * 4 * T < 1500)
 
 
 def test_learner_batches_and_their_cost_hold_only_the_terms_in_use(tmp_path):

@@ -322,7 +322,7 @@ class SelfPlayLoop:
                        unit="problem")
         key = jax.random.key(config.seed * 7919 + it)
         self.it.replay.clear()
-        forwards = computed = played = spent = 0
+        forwards = computed = played = spent = signal = 0
         for batches, start in enumerate(range(0, len(problems), sp.actor_batch_size), start=1):
             chunk = problems[start: start + sp.actor_batch_size]
             rows = self.play_groups(params, chunk, key, start)
@@ -330,9 +330,9 @@ class SelfPlayLoop:
             forwards += int(rows["token_forwards"].sum())
             computed += int(rows["computed_token_forwards"].sum())
             played += len(chunk)
+            signal += int(rows["signal"].sum())
             bar.update(len(chunk))
             if budget:
-                signal = int(self.it.replay.rows()["signal"].sum())
                 spent = computed + self.grpo.learner_cost(signal, reference=self.reference is not None)
                 if spent + spent / batches / 2 >= budget:
                     break
@@ -557,9 +557,9 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
     batch: dict[str, Any] = {}
     if replay.size == 0:
         return None
-    moves = replay.sample_moves(rng, sp.learner_batch_size)
     use_moves, needs_sft = learner_batch_parts(sp)
     if use_moves:
+        moves = replay.sample_moves(rng, sp.learner_batch_size)
         batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
                                             "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
     if needs_sft:
