@@ -236,6 +236,19 @@ def test_batch_of_one_gives_the_same_tree_as_a_batch_of_many(setup, searchers, r
                     json.loads(json.dumps(export_tree(many, b, task=setup["task"], problem=problem, policy="g"))))
 
 
+def test_mcts_evaluation_does_not_depend_on_the_batch_size(setup):
+    """A held-out MCTS result is a function of the problem's index, not of the batch it was searched in."""
+    from alphareason.eval import EvalSettings, Evaluator
+    env, search = SETTINGS["distinct"]
+    model = nnx.merge(setup["graphdef"], setup["params"])
+    problems = setup["task"].generate(5, 4)
+    rows = {b: Evaluator(model, setup["task"], EvalSettings(strategy="mcts", batch_size=b, env=env, search=search))
+            .run(problems, jax.random.key(SEED)) for b in (1, 4)}
+    assert [r["solution"] for r in rows[1]] == [r["solution"] for r in rows[4]]
+    assert [r["token_forwards"] for r in rows[1]] == [r["token_forwards"] for r in rows[4]]
+    assert len({r["solution"] for r in rows[4]}) > 1  # the problems' searches differ: the keys matter
+
+
 # ------------------------------------------------------------------ masking
 def check_masking(result, *, where):
     """No invalid or duplicate candidate is ever visited where a valid one exists; invalid candidates

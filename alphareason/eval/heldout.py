@@ -120,7 +120,8 @@ class Evaluator:
             n = len(chunk)
             padded = _pad_batch(chunk, batch)
             if s.strategy == "mcts":
-                out = self.episodes.run(self.params, padded, jax.random.fold_in(key, start), record=False,
+                # the keys depend on the problem's index only (moves are greedy), not on the batching
+                out = self.episodes.run(self.params, padded, jax.random.fold_in(key, 0), record=False,
                                         problem_ids=np.arange(start, start + batch))
                 texts, forwards, computed = out.texts[:n], out.token_forwards[:n], out.computed_token_forwards[:n]
                 extra = [{} for _ in range(n)]
