@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from alphareason.cli import main
 from alphareason.data import load_records
+from alphareason.data.builder import ReasoningDataset
 from alphareason.run import make_task
 from alphareason.train.sft import train_sft
 from helpers import micro_config
@@ -92,7 +93,7 @@ def test_eval_without_problems_uses_the_heldout_split(run, tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     assert main(["eval", "--workdir", run["workdir"], "--strategy", "greedy", "--out", str(out)]) == 0
     assert "held-out validation split" in capsys.readouterr().out
-    builder_dirs = glob.glob(os.path.join(run["workdir"], "data", "reasoning_dataset", "*", "1.0.0"))
+    builder_dirs = glob.glob(os.path.join(run["workdir"], "data", "reasoning_dataset", "*", str(ReasoningDataset.VERSION)))
     assert len(builder_dirs) == 1
     heldout = load_records(tfds.builder_from_directory(builder_dirs[0]).as_data_source(split="validation"))
     assert [r["problem"] for r in _read_jsonl(out)] == [r["problem"] for r in heldout]
@@ -153,7 +154,7 @@ def _build(capsys, data_dir, *extra):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "train:" in out and "validation:" in out
-    paths = glob.glob(os.path.join(str(data_dir), "reasoning_dataset", "*", "1.0.0"))
+    paths = glob.glob(os.path.join(str(data_dir), "reasoning_dataset", "*", str(ReasoningDataset.VERSION)))
     assert len(paths) == 1
     assert glob.glob(os.path.join(paths[0], "*.array_record*"))
     builder = tfds.builder_from_directory(paths[0])
@@ -190,7 +191,7 @@ def test_data_build_bad_input(tmp_path, capsys):
     msg = _error_line(capsys, ["data", "build", "--task", "countdown", *COUNTDOWN3, "--size", "-5",
                                "--data-dir", str(tmp_path / "d")])
     assert "-5" in msg
-    assert not glob.glob(os.path.join(str(tmp_path / "d"), "reasoning_dataset", "*", "1.0.0"))
+    assert not glob.glob(os.path.join(str(tmp_path / "d"), "reasoning_dataset", "*", str(ReasoningDataset.VERSION)))
 
 
 # ------------------------------------------------------------------ bad problem files, configs, workdirs

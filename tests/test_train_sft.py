@@ -63,6 +63,22 @@ def test_dataset_splits_are_disjoint_and_rebuilt_identically(tmp_path):
     assert any(not r["solved"] for r in recs["train"])  # negatives for the value head
 
 
+def test_negatives_with_the_calculator_are_states_a_search_reaches(tmp_path):
+    """Every negative is a chain of legal steps (the calculator writes every result): its states are those
+    the search evaluates, not a demonstration with a digit changed, which no chain with the tool reaches."""
+    from alphareason.data import load_records
+    from alphareason.tasks import split_steps
+    config = micro_config(tool="calculator")
+    spec = run.make_data_spec(config)
+    task = spec.make_task()
+    negatives = [r for r in load_records(build_dataset(spec, tmp_path / "d").as_data_source(split="train"))
+                 if not r["solved"]]
+    assert len(negatives) > 0.3 * spec.negatives_per_problem * spec.train_size
+    for r in negatives:
+        verdict = task.verify(r["problem"], r["text"])
+        assert not verdict.solved and verdict.num_valid_steps == len(split_steps(r["text"])), (r, verdict)
+
+
 def test_sft_loss_goes_down_and_resume_is_exact(tmp_path):
     config = micro_config()
     config.train.steps = 8

@@ -78,8 +78,10 @@ def make_spec(task: str, task_options: dict | None = None, **kwargs) -> DataSpec
 class ReasoningDataset(tfds.core.GeneratorBasedBuilder):
     """Problems + chains of thought for one ``DataSpec``."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Problems, demonstrations and negatives for SFT."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Problems, demonstrations and negatives for SFT.",
+                     "1.1.0": "Negatives from the task's own generator (Countdown: random legal steps that end "
+                              "unsolved) instead of demonstrations with a digit changed."}
 
     def __init__(self, spec: DataSpec, *, data_dir: str | os.PathLike):
         self.spec = spec
@@ -158,12 +160,12 @@ def cut_to_fit(text: str, max_chars: int) -> str:
 def negative_example(task: Task, problem: Problem, demo: str, rng: np.random.Generator) -> str | None:
     """A chain of thought that does not solve ``problem``, for the value head.
 
-    Uses the task's ``random_walk`` (legal steps chosen at random, usually a
-    dead end) when it has one; otherwise corrupts one digit of the solution.
+    The task's own ``Task.negative_example`` (Countdown: legal steps chosen at
+    random that end unsolved, the states a search reaches); for a task without
+    one, the demonstration with one digit changed.
     """
-    walk = getattr(task, "random_walk", None)
-    if walk is not None:
-        return walk(problem, rng)
+    if type(task).negative_example is not Task.negative_example:
+        return task.negative_example(problem, rng)
     digits = [i for i, ch in enumerate(demo) if ch.isdigit()]
     if not digits:
         return None

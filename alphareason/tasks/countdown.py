@@ -655,11 +655,16 @@ class CountdownTask(Task):
         return mask
 
     def negative_example(self, problem: Problem, rng: np.random.Generator) -> str | None:
-        """Legal steps that end unsolved (or stop early), or a solution prefix with one wrong result."""
+        """Legal steps chosen at random that end unsolved (or stop early); without the calculator, half
+        the time a solution prefix with one wrong result instead.
+
+        With the calculator the tool writes every result, so a wrong result is a state no chain reaches:
+        only walks are drawn (None when 16 walks all solve the problem).
+        """
         problem = self.check_problem(problem)
         target = problem["target"]
-        if rng.random() < 0.5:
-            for _ in range(4):
+        if self.tool or rng.random() < 0.5:
+            for _ in range(16 if self.tool else 4):
                 chain = _Chain(problem["numbers"], target, self.use_all)
                 lines = []
                 while not chain.done:
@@ -669,6 +674,8 @@ class CountdownTask(Task):
                     lines.append(f"{a}{op}{b}={c}\n")
                 if not chain.solved:
                     return "".join(lines)
+            if self.tool:
+                return None
         solution = self.solve(problem)
         if not solution:
             return None
