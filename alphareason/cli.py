@@ -250,7 +250,10 @@ def cmd_bench(args, overrides) -> int:
         from alphareason.bench.value_bench import format_report, run_value_bench
         if not args.workdir:
             raise UsageError("bench value needs --workdir: the trained run whose value head to measure")
-        result = run_value_bench(args.out, workdir=args.workdir, problems=args.problems or 200, overrides=overrides)
+        if args.search_simulations < 0:
+            raise UsageError(f"--search-simulations {args.search_simulations}: must be >= 0 (0: no search)")
+        result = run_value_bench(args.out, workdir=args.workdir, problems=args.problems or 200, overrides=overrides,
+                                 search_simulations=args.search_simulations)
         print(format_report(result))
         return 0
     elif args.what == "scale":
@@ -354,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks that write JSON results")
     b.add_argument("what", choices=["model", "search", "selfplay", "value", "scale"])
     b.add_argument("--problems", type=int, default=0, help="value: held-out problems to sample states from (200)")
+    b.add_argument("--search-simulations", type=int, default=0,
+                   help="value: also MCTS with this many simulations (the issue's 64) on 500 held-out problems, "
+                        "with the learned value and with a constant one")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     b.add_argument("--config", help="selfplay: the experiment config (default configs/countdown_tiny.py; "

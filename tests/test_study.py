@@ -109,6 +109,31 @@ def test_value_report_labels_every_live_state_exactly():
         assert 0.0 <= row["mean_mc"] <= 1.0 and 0.0 <= row["mean_value"] <= 1.0
 
 
+def test_search_against_a_constant_value_changes_only_the_value():
+    import jax
+    import jax.numpy as jnp
+    from alphareason.eval.value import constant_value, search_with_and_without_value
+    from alphareason.model import ModelConfig
+    from alphareason.model.testing import perturbed_model
+    from alphareason.search import EnvConfig, SearchConfig
+    model = perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=3)
+    flat = constant_value(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 20, (2, 12)), jnp.int32)
+    logits, values = model(tokens)
+    flat_logits, flat_values = flat(tokens)
+    np.testing.assert_array_equal(np.asarray(flat_logits), np.asarray(logits))
+    assert np.all(np.asarray(flat_values) == 0.0) and np.std(np.asarray(values)) > 0  # the original is untouched
+    kw = dict(env=EnvConfig(num_candidates=4), search=SearchConfig(num_simulations=8, max_num_considered_actions=4),
+              batch_size=4)
+    problems = TASK.generate(3, 8)
+    out = search_with_and_without_value(model, TASK, problems, jax.random.key(0), **kw)
+    paired = out["paired"]
+    assert paired["n"] == 8 and out["difference"] == (paired["b_only"] - paired["a_only"]) / 8
+    # a network whose value is already constant: the same searches (same keys), so no difference at all
+    same = search_with_and_without_value(flat, TASK, problems, jax.random.key(0), **kw)
+    assert same["learned"] == same["constant"] and same["paired"]["a_only"] == same["paired"]["b_only"] == 0
+
+
 # ------------------------------------------------------------------ a study, end to end
 def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     import configs_for_tests

@@ -18,10 +18,13 @@ import jax
 
 
 def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: str = "validation",
-                    chains: int = 2, mc_samples: int = 8, seed: int = 0, overrides=()) -> dict:
+                    chains: int = 2, mc_samples: int = 8, seed: int = 0, search_simulations: int = 0,
+                    search_problems: int = 500, overrides=()) -> dict:
+    """``search_simulations > 0``: also MCTS with that many simulations on the first ``search_problems``
+    problems, with the learned value and with a constant one (``eval.value.search_with_and_without_value``)."""
     from alphareason.config import apply_overrides, run_config
-    from alphareason.eval.value import value_report
-    from alphareason.run import load_model, split_problems
+    from alphareason.eval.value import search_with_and_without_value, value_report
+    from alphareason.run import env_config, load_model, search_config, split_problems
     config = apply_overrides(run_config(workdir), overrides)
     model, task, meta = load_model(config, workdir)
     held_out = split_problems(config, workdir, split)[:problems]
@@ -30,6 +33,13 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
                           temperature=config.search.candidate_temperature)
     result = {"workdir": os.path.abspath(workdir), "checkpoint": {k: meta.get(k) for k in ("phase", "step")},
               "split": split, "seconds": time.time() - t0, **report}
+    if search_simulations > 0:
+        t0 = time.time()
+        all_held_out = split_problems(config, workdir, split)
+        result["search"] = search_with_and_without_value(
+            model, task, all_held_out[:search_problems], jax.random.key(seed), env=env_config(config),
+            search=search_config(config, num_simulations=search_simulations), batch_size=config.eval.batch_size)
+        result["search"]["seconds"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
@@ -48,4 +58,8 @@ def format_report(result: dict) -> str:
                      f"{r['mean_mc']:>8.3f} {f(r.get('auc_vstar')):>7} {f(r.get('auc_mc')):>7} {r['brier_mc']:>9.3f}")
     lines.append(f"prompt: AUC against the greedy policy solving the problem {f(result['prompt_auc_greedy'])} "
                  f"(greedy solves {result['greedy_solve_rate']:.1%})")
+    if "search" in result:
+        s = result["search"]
+        lines.append(f"MCTS@{s['simulations']} on {s['problems']} problems: {s['learned']:.1%} with the learned "
+                     f"value, {s['constant']:.1%} with a constant one (McNemar p = {s['paired']['p_value']:.3g})")
     return "\n".join(lines)

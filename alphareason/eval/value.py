@@ -225,6 +225,34 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     return report
 
 
+def constant_value(model):
+    """A copy of ``model`` whose value head says 0.5 everywhere (zero weights and bias); the policy is the same.
+
+    Search with it against search with ``model`` measures what the learned value adds.
+    """
+    copy = nnx.clone(model)
+    copy.value_head[...] = jnp.zeros_like(copy.value_head[...])
+    copy.value_bias[...] = jnp.zeros_like(copy.value_bias[...])
+    return copy
+
+
+def search_with_and_without_value(model, task: Task, problems: Sequence[Problem], key, *, env, search,
+                                  batch_size: int = 100) -> dict[str, Any]:
+    """MCTS solve rates on ``problems`` with the learned value and with a constant one (same policy, keys).
+
+    Returns ``{"simulations", "problems", "learned", "constant", "difference", "paired": mcnemar}``.
+    """
+    from alphareason.eval.heldout import EvalSettings, Evaluator
+    from alphareason.eval.stats import mcnemar
+    settings = EvalSettings(strategy="mcts", batch_size=batch_size, env=env, search=search)
+    solved = {name: np.array([r["solved"] for r in Evaluator(m, task, settings).run(list(problems), key)])
+              for name, m in (("learned", model), ("constant", constant_value(model)))}
+    return {"simulations": search.num_simulations, "problems": len(problems),
+            "learned": float(solved["learned"].mean()), "constant": float(solved["constant"].mean()),
+            "difference": float(solved["learned"].mean() - solved["constant"].mean()),
+            "paired": mcnemar(solved["constant"], solved["learned"])}
+
+
 def flat_metrics(report: dict[str, Any], prefix: str = "value_") -> dict[str, float]:
     """The headline numbers of a report as flat scalars (for ``metrics.jsonl`` / TensorBoard)."""
     out = {f"{prefix}prompt_auc_greedy": report["prompt_auc_greedy"], "policy_legal_mass": report["legal_mass"],
