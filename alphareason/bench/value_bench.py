@@ -38,7 +38,7 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
         all_held_out = split_problems(config, workdir, split)
         result["search"] = search_with_and_without_value(
             model, task, all_held_out[:search_problems], jax.random.key(seed), env=env_config(config),
-            search=search_config(config, num_simulations=search_simulations), batch_size=config.eval.batch_size)
+            search=search_config(config, num_simulations=search_simulations), batch_size=100)
         result["search"]["seconds"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
