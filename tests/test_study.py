@@ -230,8 +230,13 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     assert set(out["paired"]) == {"uncorrected"}
     paired = out["paired"]["uncorrected"]
     assert (paired["against"], paired["a_only"], paired["b_only"], paired["n"]) == ("corrected", 4, 1, 12)
+    assert paired["per_seed_difference"] == pytest.approx([-1 / 6, -2 / 6])  # 3/6 - 4/6 and 0/6 - 2/6
+    assert paired["difference"] == pytest.approx(mean_interval([-1 / 6, -2 / 6]))
     table = study.markdown(out)
-    assert "vs corrected" in table and "66.7%, 33.3%" in table
+    assert "vs corrected" in table and "66.7%, 33.3%" in table and "-25.0% [" in table
+    # another reference than alphazero writes its own files, not over study.*
+    assert {"study_vs_corrected.json", "study_vs_corrected.md", "study_vs_corrected.png"} <= set(os.listdir(tmp_path))
+    assert not (tmp_path / "study.md").exists()
 
 
 # ------------------------------------------------------------------ policy over legal steps

@@ -222,9 +222,13 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict[str, Any]:
-    """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there.
+    """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there
+    (``study_vs_<reference>.*`` for another reference, so the default files are not overwritten).
 
-    Paired tests compare every algorithm with ``reference``."""
+    Paired tests compare every algorithm with ``reference`` at the last iteration both have: McNemar's
+    exact test on the per-problem results pooled over the seeds both ran, and the difference in solve
+    rate per seed with its t interval over seeds (the spread between seeds, which the pooled test
+    ignores)."""
     runs = _load_runs(results)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {results} (each writes <algorithm>/seed<s>/run.json)")
@@ -249,21 +253,28 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
         for algorithm, seeds in runs.items():
             if algorithm == reference:
                 continue
-            a, b = [], []
+            a, b, differences = [], [], []
             for seed, run in seeds.items():
                 if seed not in ref:
                     continue
                 it = min(max(run["test"]), max(ref[seed]["test"]))
                 common = sorted(set(run["test"][it]) & set(ref[seed]["test"][it]))
+                if not common:
+                    continue
                 a += [ref[seed]["test"][it][k] for k in common]
                 b += [run["test"][it][k] for k in common]
+                differences.append(float(np.mean([run["test"][it][k] for k in common])
+                                         - np.mean([ref[seed]["test"][it][k] for k in common])))
             if a:
-                out["paired"][algorithm] = {"against": reference, **mcnemar(np.array(a), np.array(b))}
-    with open(os.path.join(results, "study.json"), "w") as f:
+                out["paired"][algorithm] = {"against": reference, **mcnemar(np.array(a), np.array(b)),
+                                            "per_seed_difference": differences,
+                                            "difference": mean_interval(differences)}
+    name = "study" if reference == REFERENCE else f"study_vs_{reference}"
+    with open(os.path.join(results, f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1)
-    with open(os.path.join(results, "study.md"), "w") as f:
+    with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(markdown(out))
-    plot(out, os.path.join(results, "study.png"))
+    plot(out, os.path.join(results, f"{name}.png"))
     return out
 
 
@@ -271,7 +282,10 @@ def markdown(study: dict[str, Any]) -> str:
     """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds."""
     lines = [f"## {study['title']}" if study["title"] else "## Self-play study", "",
              "Policy-only (greedy) solve rate on the test split, mean over seeds [95% t interval]; compute is "
-             "the mean total token forwards (self-play + learner, as computed) at the last iteration.", ""]
+             "the mean total token forwards (self-play + learner, as computed) at the last iteration. Against "
+             "the reference: the difference in solve rate at the last iteration, mean over seeds [95% t "
+             "interval], and McNemar's exact test on the per-problem results pooled over seeds (which treats "
+             "seeds as more problems and ignores their spread).", ""]
     its = max(len(a["iterations"]) for a in study["algorithms"].values())
     ref = study.get("reference", REFERENCE)
     head = ("| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its))
@@ -281,8 +295,12 @@ def markdown(study: dict[str, Any]) -> str:
         cells = [f"{x['test_greedy']['mean']:.1%} [{x['test_greedy']['low']:.1%}, {x['test_greedy']['high']:.1%}]"
                  for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
         paired = study["paired"].get(name)
-        versus = (f"p = {paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
-                  f"{ref} / {name})" if paired else "")
+        versus = ""
+        if paired:
+            d = paired["difference"]
+            versus = (f"{d['mean']:+.1%} [{d['low']:+.1%}, {d['high']:+.1%}] over {d['n']} seeds; pooled p = "
+                      f"{paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
+                      f"{ref} / {name})")
         compute = a["iterations"][-1]["total_token_forwards"] if a["iterations"] else 0
         per_seed = ", ".join(f"{r:.1%}" for r in a["iterations"][-1]["rates"]) if a["iterations"] else ""
         lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells)
