@@ -370,6 +370,9 @@ def test_token_budget_stops_rollouts_at_the_nearest_batch_and_is_spent_as_counte
     batches = played // 4
     assert spent + spent / batches / 2 >= budget  # stopped at the batch boundary nearest the budget
     assert abs(spent - budget) <= spent / batches
+    # the checkpoint keeps the chains played (4 per problem), not the buffer's capacity for 24 problems
+    saved = Checkpointer(os.path.join(str(tmp_path), "checkpoints", "selfplay")).saved_shapes("replay", 1)
+    assert saved["data.reward"] == (played * 4,) and saved["counters"] == (1,)
 
 
 def test_killed_grpo_run_resumes_exactly(grpo_reference, tmp_path, monkeypatch):

@@ -332,7 +332,8 @@ class RolloutBuffer:
 
     Saved as the ``replay`` item of every self-play checkpoint, like the
     ``ReplayBuffer`` of the search-based algorithms (a resumed iteration
-    plays its rollouts again, so it is kept for inspection, not needed).
+    plays its rollouts again, so it is kept for inspection, not needed):
+    only the rows it holds (``state_dict``), restored through ``template``.
     """
 
     def __init__(self, capacity: int, fields: dict[str, tuple[tuple[int, ...], Any]]):
@@ -359,10 +360,21 @@ class RolloutBuffer:
         return {name: array[: self.size] for name, array in self.data.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": dict(self.data), "counters": self.counters}
+        """The chains held (``size`` rows of each field) and the counter: what a checkpoint keeps."""
+        return {"data": self.rows(), "counters": self.counters}
+
+    def template(self, rows: int) -> dict[str, Any]:
+        """A ``state_dict`` of ``rows`` chains (zeros): the structure to restore a saved one into."""
+        return {"data": {k: np.zeros((rows,) + v.shape[1:], v.dtype) for k, v in self.data.items()},
+                "counters": np.zeros_like(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.data = {k: np.asarray(v) for k, v in state["data"].items()}
+        n = int(np.asarray(state["counters"])[0])
+        if n > self.capacity:
+            raise ValueError(f"the saved rollouts hold {n} chains, more than this run's buffer of {self.capacity} "
+                             f"(selfplay.episodes_per_iteration x grpo.group_size); restore with the saved config")
+        for k, v in state["data"].items():
+            self.data[k][:n] = np.asarray(v)[:n]
         self.counters = np.asarray(state["counters"], np.int64).copy()
 
 
