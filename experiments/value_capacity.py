@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS: dict[str, list[str]] = {
     "chain": [],
     "oracle": ["data.value_label='oracle'"],
+    "chain_2400": ["train.steps=2400"],
     "chain_20k_600": ["data.train_size=20000"],
     "chain_20k": ["data.train_size=20000", "train.steps=2400"],
     "oracle_20k": ["data.value_label='oracle'", "data.train_size=20000", "train.steps=2400"],
