@@ -27,7 +27,8 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
     from alphareason.run import env_config, load_model, search_config, split_problems
     config = apply_overrides(run_config(workdir), overrides)
     model, task, meta = load_model(config, workdir)
-    held_out = split_problems(config, workdir, split)[:problems]
+    split_rows = split_problems(config, workdir, split)
+    held_out = split_rows[:problems]
     t0 = time.time()
     report = value_report(model, task, held_out, jax.random.key(seed), chains=chains, mc_samples=mc_samples,
                           temperature=config.search.candidate_temperature)
@@ -35,9 +36,8 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
               "split": split, "seconds": time.time() - t0, **report}
     if search_simulations > 0:
         t0 = time.time()
-        all_held_out = split_problems(config, workdir, split)
         result["search"] = search_with_and_without_value(
-            model, task, all_held_out[:search_problems], jax.random.key(seed), env=env_config(config),
+            model, task, split_rows[:search_problems], jax.random.key(seed), env=env_config(config),
             search=search_config(config, num_simulations=search_simulations), batch_size=100)
         result["search"]["seconds"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
