@@ -81,13 +81,20 @@ class Checkpointer:
         return items["state"], meta
 
     def restore_items(self, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict]:
-        """Restores the named items (a subset of those saved) and the metadata."""
+        """Restores the named items (a subset of those saved) and the metadata.
+
+        An item saved at a size only the checkpoint knows (a buffer that keeps
+        the rows it held) is given as a function of its ``saved_shapes``
+        (None where unreadable) returning the structure to restore into.
+        """
         if step is None:
             step = self.latest_step()
         if step is None:
             raise CheckpointError(
                 f"no checkpoint found in {self.directory}; train first "
                 f"(`alphareason train --workdir ...`) or point --workdir at a run that has one")
+        abstract_items = {name: tree(self.saved_shapes(name, step)) if callable(tree) else tree
+                          for name, tree in abstract_items.items()}
         targets = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree) for name, tree in abstract_items.items()}
         for name, target in targets.items():
             self.check_shapes(name, target, step)

@@ -237,6 +237,16 @@ def test_missing_workdir_and_checkpoint(run, tmp_path, capsys):
     assert "no checkpoint" in msg and str(empty) in msg and "alphareason train" in msg
 
 
+def test_bench_value_refuses_a_negative_search_budget_and_a_missing_run(run, tmp_path, capsys):
+    out = tmp_path / "value.json"
+    msg = _error_line(capsys, ["bench", "value", "--workdir", run["workdir"], "--search-simulations", "-1",
+                               "--out", str(out)])
+    assert "--search-simulations -1" in msg and ">= 0" in msg
+    msg = _error_line(capsys, ["bench", "value", "--out", str(out)])
+    assert "--workdir" in msg
+    assert not out.exists()
+
+
 def test_corrupt_checkpoint_says_which_and_where(run, tmp_path, capsys):
     workdir = tmp_path / "corrupt"
     shutil.copytree(run["workdir"], workdir)

@@ -333,7 +333,7 @@ class RolloutBuffer:
     Saved as the ``replay`` item of every self-play checkpoint, like the
     ``ReplayBuffer`` of the search-based algorithms (a resumed iteration
     plays its rollouts again, so it is kept for inspection, not needed):
-    only the rows it holds (``state_dict``), restored through ``template``.
+    only the rows it holds (``state_dict``), restored through ``restore_template``.
     """
 
     def __init__(self, capacity: int, fields: dict[str, tuple[tuple[int, ...], Any]]):
@@ -367,6 +367,15 @@ class RolloutBuffer:
         """A ``state_dict`` of ``rows`` chains (zeros): the structure to restore a saved one into."""
         return {"data": {k: np.zeros((rows,) + v.shape[1:], v.dtype) for k, v in self.data.items()},
                 "counters": np.zeros_like(self.counters)}
+
+    def restore_template(self, saved_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
+        """The structure to restore a checkpoint's ``replay`` into: as many chains as it saved.
+
+        ``saved_shapes`` is ``Checkpointer.saved_shapes``' answer; where it is
+        None (unreadable), a template of the capacity lets the restore name the problem.
+        """
+        rows = (saved_shapes or {}).get("data.reward", (self.capacity,))[0]
+        return self.template(rows)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = int(np.asarray(state["counters"])[0])

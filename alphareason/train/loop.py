@@ -253,11 +253,8 @@ class SelfPlayLoop:
         return nnx.merge(self.graphdef, self.it.state)[0]
 
     def _restore(self) -> None:
-        replay = self.it.replay.state_dict()
-        if isinstance(self.it.replay, grpo.RolloutBuffer):  # saved with only the rows it held
-            shapes = self.ckpt.saved_shapes("replay", self.ckpt.latest_step()) or {}
-            replay = self.it.replay.template(shapes.get("data.reward", (self.it.replay.size,))[0])
-        items, meta = self.ckpt.restore_items({"state": snapshot(self.it.state), "replay": replay})
+        items, meta = self.ckpt.restore_items({"state": snapshot(self.it.state),
+                                                "replay": self.it.replay.restore_template})
         self.it.state = restore_into(self.it.state, items["state"])
         self.it.replay.load_state_dict(items["replay"])
         self.it.iteration, self.it.totals = int(meta["iteration"]), {**dict.fromkeys(TOTALS, 0), **meta["totals"]}

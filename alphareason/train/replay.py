@@ -126,6 +126,11 @@ class ReplayBuffer:
     def state_dict(self) -> dict[str, Any]:
         return {"moves": dict(self.moves), "trajectories": dict(self.trajectories), "counters": self.counters}
 
+    def restore_template(self, saved_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
+        """The structure to restore a checkpoint's ``replay`` into: this buffer's, saved at its full capacity."""
+        del saved_shapes
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.moves = {k: np.asarray(v) for k, v in state["moves"].items()}
         self.moves.setdefault("td_lambda", self.moves["outcome"].copy())  # replays saved before TD(lambda) targets
