@@ -217,7 +217,9 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     for (name, seed), outcomes in solved.items():
         folder = tmp_path / name / f"seed{seed}"
         folder.mkdir(parents=True)
-        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 100 * seed}]}))
+        value = {"value_auc_vstar": 0.6 + 0.1 * seed, "value_prompt_auc_greedy": "nan" if seed else 0.7}
+        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 100 * seed,
+                                                               **(value if name == "corrected" else {})}]}))
         (folder / "test_greedy_0.jsonl").write_text("".join(
             json.dumps({"problem": {"id": i}, "solved": bool(x), "reason": ""}) + "\n" for i, x in enumerate(outcomes)))
     out = study.report(str(tmp_path), reference="corrected")
@@ -227,6 +229,11 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     assert rates == pytest.approx([4 / 6, 2 / 6])
     assert corrected["iterations"][0]["test_greedy"] == pytest.approx(mean_interval(rates))
     assert corrected["iterations"][0]["total_token_forwards"] == 50.0  # the mean over seeds
+    # the value diagnostics: mean over the seeds that measured them ("nan": not measured)
+    value = corrected["iterations"][0]["value"]
+    assert value["value_auc_vstar"] == pytest.approx(mean_interval([0.6, 0.7]))
+    assert value["value_prompt_auc_greedy"] == pytest.approx(mean_interval([0.7]))
+    assert out["algorithms"]["uncorrected"]["iterations"][0]["value"] == {}
     assert set(out["paired"]) == {"uncorrected"}
     paired = out["paired"]["uncorrected"]
     assert (paired["against"], paired["a_only"], paired["b_only"], paired["n"]) == ("corrected", 4, 1, 12)
@@ -234,6 +241,7 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     assert paired["difference"] == pytest.approx(mean_interval([-1 / 6, -2 / 6]))
     table = study.markdown(out)
     assert "vs corrected" in table and "66.7%, 33.3%" in table and "-25.0% [" in table
+    assert "| corrected | AUC vs V* at step ends | 0.65 [" in table and "| uncorrected | AUC" not in table
     # another reference than alphazero writes its own files, not over study.*
     assert {"study_vs_corrected.json", "study_vs_corrected.md", "study_vs_corrected.png"} <= set(os.listdir(tmp_path))
     assert not (tmp_path / "study.md").exists()

@@ -48,6 +48,10 @@ from alphareason.config import ConfigDict, ConfigError, load_config
 from alphareason.eval.stats import mcnemar, mean_interval
 
 REFERENCE = "alphazero"
+# The value head's diagnostics on held-out (validation) states that each iteration's eval row carries
+# (``eval.value.value_report``): AUC against exact solvability V* at step ends, and at the prompt
+# against whether greedy decoding solves the problem.
+VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_prompt_auc_greedy": "prompt AUC vs greedy"}
 # What each algorithm name means as config overrides (variants add their own on top).
 ALGORITHM_OVERRIDES = {
     "alphazero": ["selfplay.algorithm=alphazero"],
@@ -221,6 +225,15 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
+def _number(x: Any) -> float | None:
+    """A finite float, or None (a diagnostic that was not measured, or NaN written as "nan")."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
+
+
 def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict[str, Any]:
     """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there
     (``study_vs_<reference>.*`` for another reference, so the default files are not overwritten).
@@ -243,10 +256,16 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
             val = [next((r.get("greedy_solve_rate") for r in s["eval"] if r["step"] == it), None)
                    for s in seeds.values()]
             kinds = [k for s in seeds.values() for k in s["kinds"][it]]
+            value = {}
+            for key in VALUE_DIAGNOSTICS:
+                x = [_number(next((r.get(key) for r in s["eval"] if r["step"] == it), None)) for s in seeds.values()]
+                if any(v is not None for v in x):
+                    value[key] = mean_interval([v for v in x if v is not None])
             per_it.append({"iteration": it, "test_greedy": mean_interval(rates), "rates": rates,
                            "outcomes": {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds))},
                            "total_token_forwards": float(np.mean(compute)),
-                           "validation_greedy": mean_interval([v for v in val if v is not None])})
+                           "validation_greedy": mean_interval([v for v in val if v is not None]),
+                           "value": value})
         out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it}
     if reference in runs:
         ref = runs[reference]
@@ -305,6 +324,21 @@ def markdown(study: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{r:.1%}" for r in a["iterations"][-1]["rates"]) if a["iterations"] else ""
         lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells)
                      + f" | {per_seed} | {compute:,.0f} | {versus} |")
+    rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
+            if any(key in x.get("value", {}) for x in a["iterations"])]
+    if rows:
+        lines += ["", "The value head on held-out (validation) states, mean over seeds [95% t interval]: AUC "
+                  "against exact solvability V* at step ends, and at the prompt against whether greedy decoding "
+                  "solves the problem (0.5: no information).", "",
+                  "| algorithm | diagnostic | " + " | ".join(f"iteration {i}" for i in range(its)) + " |",
+                  "|" + "---|" * (its + 2)]
+        for name, key, a in rows:
+            cells = []
+            for x in a["iterations"]:
+                v = x.get("value", {}).get(key)
+                cells.append(f"{v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" if v else "")
+            cells += [""] * (its - len(a["iterations"]))
+            lines.append(f"| {name} | {VALUE_DIAGNOSTICS[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
