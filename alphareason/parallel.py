@@ -177,6 +177,17 @@ def place_state(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, state, state_shardings(state, mesh))
 
 
+def jit_state_step(step: Callable, state_sharding: Any = None) -> Callable:
+    """``jax.jit`` of a learner step ``(state, batch) -> (state, metrics)`` that donates the old state.
+
+    ``state_sharding`` (``state_shardings``) keeps the new state where the
+    old one lived (FSDP) rather than where XLA's propagation would put it.
+    """
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows split over ``data x fsdp``; the other ``ndim - 1`` axes whole."""
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))) if ndim else P())

@@ -70,6 +70,7 @@ from flax import nnx
 
 from alphareason import tokenizer as tok
 from alphareason.config import ConfigDict, ConfigError
+from alphareason.parallel import jit_state_step
 from alphareason.search.decode import ChainDecoder
 from alphareason.search.env import NEG_INF, EnvConfig, ReasoningEnv, append_steps
 from alphareason.tasks import Problem, Task
@@ -396,11 +397,13 @@ class GRPO:
 
     ``graphdef`` is the model's (``nnx.split(model)[0]``), ``train_graphdef``
     the split ``(model, optimizer)``'s that ``learner_step`` updates.
-    ``place`` (optional) puts a batch on devices (``parallel.shard_batch``).
+    ``place`` (optional) puts a batch on devices (``parallel.shard_batch``);
+    ``state_sharding`` (optional, ``parallel.state_shardings``) keeps the
+    learner's new state where the old one lived.
     """
 
     def __init__(self, task: Task, graphdef, train_graphdef, settings: GRPOSettings, *, seq_len: int,
-                 traces: bool = False, place: Callable[[Any], Any] | None = None):
+                 traces: bool = False, place: Callable[[Any], Any] | None = None, state_sharding: Any = None):
         self.task, self.graphdef, self.settings, self.seq_len = task, graphdef, settings, seq_len
         self.place = place or (lambda tree: tree)
         legal = settings.action_space == "legal_steps"
@@ -424,7 +427,7 @@ class GRPO:
         self.fields = fields
         self.row_tokens = learner_row_tokens(task, settings, seq_len)  # legal steps: M states x (prefix + K steps)
         self._logprobs = jax.jit(self._policy_logprobs_of_params)
-        self.learner_step = self._make_learner_step(train_graphdef)
+        self.learner_step = self._make_learner_step(train_graphdef, state_sharding)
 
     # ------------------------------------------------------------ rollouts
     def buffer(self, num_problems: int) -> RolloutBuffer:
@@ -528,7 +531,7 @@ class GRPO:
     def _policy_logprobs_of_params(self, params, batch):
         return self._policy(nnx.merge(self.graphdef, params), batch)[0]
 
-    def _make_learner_step(self, train_graphdef) -> Callable:
+    def _make_learner_step(self, train_graphdef, state_sharding: Any = None) -> Callable:
         s = self.settings
 
         def step(state, batch):
@@ -548,7 +551,7 @@ class GRPO:
             optimizer.update(model, grads)
             return nnx.state((model, optimizer)), metrics
 
-        return jax.jit(step, donate_argnums=0)
+        return jit_state_step(step, state_sharding)
 
     def learner_data(self, buffer: RolloutBuffer, params, reference=None) -> tuple[dict[str, np.ndarray], int]:
         """The chains of groups with signal, with their rollout (and reference) log-probabilities.

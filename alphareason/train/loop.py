@@ -166,9 +166,7 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task, state_sharding=N
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), metrics
 
-    if state_sharding is None:
-        return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
+    return parallel.jit_state_step(step, state_sharding)
 
 
 # ---------------------------------------------------------------- the loop
@@ -213,7 +211,8 @@ class SelfPlayLoop:
         self.grpo, self.reference = None, None
         if settings:  # GRPO: its actor and learner; a rollout buffer instead of replay
             self.grpo = grpo.GRPO(task, nnx.split(model)[0], self.graphdef, settings, seq_len=self.seq_len,
-                                  traces=traces(config), place=lambda tree: shard_batch(tree, self.mesh))
+                                  traces=traces(config), place=lambda tree: shard_batch(tree, self.mesh),
+                                  state_sharding=parallel.state_shardings(state, self.mesh))
             replay = self.grpo.buffer(sp.episodes_per_iteration)
             if settings.kl_beta:  # the frozen reference: grpo.reference's newest checkpoint, or this run's SFT
                 ref_model = load_model(config, config.grpo.reference or workdir,

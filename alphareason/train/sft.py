@@ -103,9 +103,7 @@ def make_train_step(graphdef, *, policy_weight: float, value_weight: float,
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), metrics
 
-    if state_sharding is None:
-        return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
+    return parallel.jit_state_step(step, state_sharding)
 
 
 @dataclasses.dataclass
