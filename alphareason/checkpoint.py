@@ -93,11 +93,11 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint found in {self.directory}; train first "
                 f"(`alphareason train --workdir ...`) or point --workdir at a run that has one")
-        abstract_items = {name: tree(self.saved_shapes(name, step)) if callable(tree) else tree
-                          for name, tree in abstract_items.items()}
-        targets = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree) for name, tree in abstract_items.items()}
+        saved = {name: self.saved_shapes(name, step) for name in abstract_items}
+        targets = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree(saved[name]) if callable(tree) else tree)
+                   for name, tree in abstract_items.items()}
         for name, target in targets.items():
-            self.check_shapes(name, target, step)
+            self.check_shapes(name, target, step, saved[name])
         args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
@@ -126,9 +126,11 @@ class Checkpointer:
                   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
         return shapes or None  # nothing readable (e.g. corrupt metadata): the restore will say so
 
-    def check_shapes(self, item: str, target: Any, step: int) -> None:
-        """Raises ``CheckpointError`` naming the arrays whose shapes (or presence) differ from ``target``'s."""
-        saved = self.saved_shapes(item, step)
+    def check_shapes(self, item: str, target: Any, step: int, saved: dict[str, tuple[int, ...]] | None) -> None:
+        """Raises ``CheckpointError`` naming the arrays whose shapes (or presence) differ from ``target``'s.
+
+        ``saved`` is ``saved_shapes(item, step)`` (None: unreadable, left to the restore to judge).
+        """
         if saved is None:
             return
         wanted = {_path_name(path): tuple(leaf.shape)

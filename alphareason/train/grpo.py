@@ -364,19 +364,15 @@ class RolloutBuffer:
         """The chains held (``size`` rows of each field) and the counter: what a checkpoint keeps."""
         return {"data": self.rows(), "counters": self.counters}
 
-    def template(self, rows: int) -> dict[str, Any]:
-        """A ``state_dict`` of ``rows`` chains (zeros): the structure to restore a saved one into."""
-        return {"data": {k: np.zeros((rows,) + v.shape[1:], v.dtype) for k, v in self.data.items()},
-                "counters": np.zeros_like(self.counters)}
-
     def restore_template(self, saved_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
-        """The structure to restore a checkpoint's ``replay`` into: as many chains as it saved.
+        """Zeros in the structure of a checkpoint's ``replay``: as many chains as it saved.
 
         ``saved_shapes`` is ``Checkpointer.saved_shapes``' answer; where it is
         None (unreadable), a template of the capacity lets the restore name the problem.
         """
         rows = (saved_shapes or {}).get("data.reward", (self.capacity,))[0]
-        return self.template(rows)
+        return {"data": {k: np.zeros((rows,) + v.shape[1:], v.dtype) for k, v in self.data.items()},
+                "counters": np.zeros_like(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = int(np.asarray(state["counters"])[0])
