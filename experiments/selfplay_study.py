@@ -6,6 +6,8 @@
   # the table, plot and paired tests from whatever runs are present:
   python experiments/selfplay_study.py report --results benchmarks/results/study/countdown_tiny
 
+``--sft-from SEED WORKDIR`` starts a seed from an SFT run already trained
+(same task, model and train config; the data config may differ and is recorded).
 ``alphazero`` runs first for each seed: the other algorithms are matched to
 its compute (``grpo`` through ``grpo.token_budget``). Learner ablations at
 equal learner steps instead: ``--unmatched --reference NAME`` with
@@ -41,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--unmatched", action="store_true",
                    help="no compute matching: every algorithm runs its config's learner steps (learner ablations)")
     r.add_argument("--reference", default="alphazero", help="the algorithm the paired tests compare with")
+    r.add_argument("--sft-from", nargs=2, action="append", default=[], metavar=("SEED", "WORKDIR"),
+                   help="start SEED from the SFT checkpoint of an earlier run with the same task, model and "
+                        "train config (recorded in every run.json; repeatable)")
     r.add_argument("--no-progress", action="store_true")
     g = sub.add_parser("report", help="aggregate the runs present: study.json, study.md, study.png")
     g.add_argument("--results", required=True)
@@ -52,13 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(study.markdown(out))
         return 0
     variants = {v[0]: v[1:] for v in args.variant}
+    sft_from = {int(seed): workdir for seed, workdir in args.sft_from}
     runs = args.runs or os.path.join("runs", "study", os.path.basename(os.path.normpath(args.results)))
     order = sorted(args.algorithms, key=lambda a: a != study.REFERENCE)  # the reference first: others match it
     for seed in args.seeds:
         for algorithm in order:
             study.run_one(args.config, overrides, algorithm, seed, runs=runs, results=args.results,
                           variants=variants, test_problems=args.test_problems, progress=not args.no_progress,
-                          matched=not args.unmatched)
+                          matched=not args.unmatched, sft_from=sft_from.get(seed, ""))
     out = study.report(args.results, reference=args.reference)
     print(study.markdown(out))
     return 0

@@ -166,6 +166,34 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
 
 
+def test_a_seed_can_start_from_an_earlier_sft_run_with_the_same_training(tmp_path):
+    """``--sft-from``: the seed's start is the earlier checkpoint, not retrained; the data difference is recorded."""
+    import jax
+    from flax import nnx
+    from helpers import micro_config
+    from alphareason.train import study
+    from alphareason.train.sft import train_sft
+    quiet = dict(progress=False, log=lambda *_: None)
+    earlier = train_sft(micro_config(), str(tmp_path / "earlier"), **quiet)
+    config = micro_config()
+    config.data.test_size = 12  # the study's larger test split: allowed, and recorded
+    sft_dir = study._sft_start(config, str(tmp_path / "runs"), 0, False, lambda *_: None, str(tmp_path / "earlier"))
+    with open(os.path.join(sft_dir, study.SFT_FROM)) as f:
+        assert json.load(f)["data_differences"] == {"test_size": [8, 12]}
+    with open(os.path.join(sft_dir, "metrics.jsonl")) as f:
+        assert {json.loads(x)["phase"] for x in f} == {"sft"}  # the earlier run's SFT curve, not its evaluations
+    adopted = train_sft(config, sft_dir, **quiet)  # resumes at the copied last step: nothing left to train
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(earlier.model, nnx.Param),
+                        nnx.state(adopted.model, nnx.Param))
+    assert all(jax.tree.leaves(same))
+    other = micro_config()
+    other.model.d_model = 16
+    with pytest.raises(ConfigError, match="its model config differs"):
+        study.adopt_sft(other, str(tmp_path / "earlier"), str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match="no SFT run there"):
+        study.adopt_sft(config, str(tmp_path / "nothing"), str(tmp_path / "other"))
+
+
 def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteration(tmp_path):
     """GRPO's learner cost depends on its rollouts, so it is matched by a budget, not by learner steps."""
     import configs_for_tests

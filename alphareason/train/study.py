@@ -6,7 +6,9 @@ Each (algorithm, seed) run
 * starts from its seed's SFT warm start, trained once (``RUNS/seed<s>/sft``)
   and copied, so the algorithms of a seed differ only in what they do after
   it (a setting without demonstrations, ``train.steps=0``, starts from the
-  seed's random network);
+  seed's random network), or from an earlier run's SFT checkpoint
+  (``sft_from``, ``adopt_sft``: same task, model and train config; the
+  data config may differ, and the differences go into every ``run.json``);
 * runs the loop (``run_training``) with ``seed=s`` and ``eval.test_problems``
   set: every iteration writes per-problem greedy results on the **test**
   split, which is reported and never used to choose settings (the
@@ -122,19 +124,74 @@ def matched_grpo_budget(reference_rows: list[dict], config: ConfigDict, task) ->
     return budget, max(config.selfplay.actor_batch_size, -(-budget // chain))
 
 
-def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Callable[[str], None]) -> str:
+SFT_FROM = "sft_from.json"  # in a seed's SFT folder: the run its checkpoint was copied from (``sft_from``)
+
+
+def adopt_sft(config: ConfigDict, source: str, sft_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Copies the SFT checkpoint of an earlier run ``source`` into ``sft_dir`` as a seed's warm start.
+
+    SFT on a large setting takes most of an hour on a CPU; a study may start a seed from a run that
+    already trained it. The source must have been trained with the same ``task``, ``model``, ``train``
+    and ``seed``; its ``data`` config may differ (e.g. a smaller test split, which moves a few training
+    problems): the differences are logged and recorded in ``sft_dir/sft_from.json``, and every run of
+    the seed copies that record into its ``run.json``. Nothing is copied if ``sft_dir`` has a
+    checkpoint already.
+    """
+    from alphareason.config import upgrade_config
+    from alphareason.run import checkpoint_dir
+    src_ckpt, src_config = checkpoint_dir(source, "sft"), os.path.join(source, "config.json")
+    if not (os.path.isdir(src_ckpt) and os.path.exists(src_config)):
+        raise ConfigError(f"--sft-from {source}: no SFT run there (expected {src_config} and {src_ckpt}); give a "
+                          f"--workdir of `alphareason train` or `sft`")
+    with open(src_config) as f:
+        stored = json.loads(json.dumps(upgrade_config(json.load(f), where=src_config).to_dict(), default=str))
+    current = json.loads(json.dumps(config.to_dict(), default=str))
+    differ = [k for k in ("task", "model", "train", "seed") if stored.get(k) != current.get(k)]
+    if differ:
+        raise ConfigError(f"--sft-from {source}: its {', '.join(differ)} config differs from this study's; a warm "
+                          f"start must come from the same SFT (or drop --sft-from and train it)")
+    data = {k: [stored["data"].get(k), v] for k, v in current["data"].items() if stored["data"].get(k) != v}
+    record = {"source": os.path.abspath(source), "data_differences": data}
+    if os.path.isdir(checkpoint_dir(sft_dir, "sft")):
+        return record
+    shutil.copytree(src_ckpt, checkpoint_dir(sft_dir, "sft"))
+    src_metrics = os.path.join(source, "metrics.jsonl")
+    if os.path.exists(src_metrics):  # the SFT curve; the source's own evaluations are not this study's
+        with open(src_metrics) as f, open(os.path.join(sft_dir, "metrics.jsonl"), "w") as out:
+            out.writelines(x for x in f if json.loads(x).get("phase") == "sft")
+    with open(os.path.join(sft_dir, SFT_FROM), "w") as f:
+        json.dump(record, f, indent=1)
+    log(f"seed {config.seed}: SFT start copied from {source}" +
+        (f" (data config differs: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in data.items())})" if data else ""))
+    return record
+
+
+def _sft_record(sft_dir: str) -> dict[str, Any]:
+    path = os.path.join(sft_dir, SFT_FROM)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {"sft_from": json.load(f)}
+
+
+def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Callable[[str], None],
+               sft_from: str = "") -> str:
     from alphareason.train.sft import train_sft
     sft_dir = os.path.join(runs, f"seed{seed}", "sft")
-    train_sft(config, sft_dir, progress=progress, log=log)
+    if sft_from:
+        os.makedirs(sft_dir, exist_ok=True)
+        adopt_sft(config, sft_from, sft_dir, log)
+    train_sft(config, sft_dir, progress=progress, log=log)  # resumes: trains on only if the copy stopped early
     return sft_dir
 
 
 def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: int, *, runs: str, results: str,
             variants: dict[str, Sequence[str]] | None = None, test_problems: int = 1000, progress: bool = True,
-            matched: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+            matched: bool = True, sft_from: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs (or resumes) one (algorithm, seed) of a study and copies its results into ``results``.
 
-    ``matched=False`` (ablations of one learner): every algorithm runs its config's own learner steps."""
+    ``matched=False`` (ablations of one learner): every algorithm runs its config's own learner steps.
+    ``sft_from``: an earlier run whose SFT checkpoint is the seed's warm start (``adopt_sft``)."""
     from alphareason.run import make_task
     from alphareason.train.loop import run_training
     from alphareason.train.metrics import read_metrics
@@ -164,7 +221,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
     t0 = time.time()
     base = algorithm_config(config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE,
                             seed, variants)
-    sft_dir = _sft_start(base, runs, seed, progress, log)
+    sft_dir = _sft_start(base, runs, seed, progress, log, sft_from)
     workdir = os.path.join(runs, f"seed{seed}", algorithm)
     if not os.path.exists(os.path.join(workdir, "checkpoints", "sft")):
         os.makedirs(workdir, exist_ok=True)
@@ -186,6 +243,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
             **({"grpo_token_budget": config.grpo.token_budget,
                 "episodes_per_iteration": config.selfplay.episodes_per_iteration}
                if config.selfplay.algorithm == "grpo" else {}),
+            **_sft_record(sft_dir),
             "eval": [r for r in read_metrics(workdir, "eval")]}
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(info, f, indent=1)
