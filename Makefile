@@ -27,7 +27,7 @@ HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.mal
 # Two worker processes (pytest-xdist), each test file on one of them: most of a cold run is XLA
 # compilation, which runs on one core per process.
 test: $(VENV)/.installed
-	$(HUGE_PAGES) $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(HUGE_PAGES) $(PY) -m pytest -q -n 2 --dist loadfile --durations=20 -m "not slow" tests
 
 test-all: $(VENV)/.installed
 	$(HUGE_PAGES) $(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -147,6 +147,7 @@ EIGHT_DEVICES = """
     from alphareason.run import make_optimizer
     from alphareason.search import EnvConfig, SearchConfig, Searcher
     from alphareason.tasks import get_task
+    from alphareason.train.grpo import GRPO, GRPOSettings, token_logprobs
     from alphareason.train.loop import make_learner_step
     from alphareason.train.sft import make_train_step
     from helpers import micro_config
@@ -196,13 +197,25 @@ EIGHT_DEVICES = """
     gd, state = nnx.split((model, optimizer))
     start = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
+    # GRPO's clipped surrogate with a KL term, on chains the rollout policy nearly wrote (ratios near 1).
+    old_logp = np.asarray(token_logprobs(model, jnp.asarray(sft_batch["tokens"]))[0])
+    grpo_batch = {"tokens": sft_batch["tokens"], "mask": rng.random((B, T - 1)) < 0.5,
+                  "advantage": rng.normal(size=B).astype(np.float32), "weight": np.ones(B, np.float32),
+                  "old_logp": old_logp + rng.normal(0, 0.1, old_logp.shape).astype(np.float32),
+                  "ref_logp": old_logp + rng.normal(0, 0.3, old_logp.shape).astype(np.float32)}
+
     def make_step(name, sharding=None):
         if name == "sft":
             return make_train_step(gd, policy_weight=1.0, value_weight=0.5, state_sharding=sharding)
+        if name == "grpo":
+            return GRPO(task, graphdef, gd, GRPOSettings(group_size=4, minibatch_size=B, kl_beta=0.1), seq_len=T,
+                        state_sharding=sharding).learner_step
         return make_learner_step(gd, config, task, sharding)
 
     out["diff"], out["bytes"], out["moved"] = {}, {}, {}
-    for name, batch in (("sft", sft_batch), ("learner", learner_batch)):
+    for name, batch in (("sft", sft_batch), ("learner", learner_batch), ("grpo", grpo_batch)):
+        if name not in MESHES:
+            continue
         ref, _ = make_step(name)(jax.tree.map(jnp.copy, state), batch)
         ref = jax.tree.map(np.asarray, nnx.to_pure_dict(ref))
         out["moved"][name] = max(float(np.max(np.abs(a - b))) if a.size else 0.0
@@ -234,14 +247,15 @@ def _check_eight_devices(out, meshes):
             assert shard0 == shard1 == whole // fsdp  # each device holds 1/fsdp of the parameter (FSDP)
 
 
-def test_eight_devices_sharded_search_and_fsdp_sft_step_equal_one_device():
-    meshes = {"sft": [(4, 2)], "learner": [(2, 4)]}
+def test_eight_devices_sharded_search_and_fsdp_sft_learner_and_grpo_steps_equal_one_device():
+    meshes = {"sft": [(4, 2)], "learner": [(2, 4)], "grpo": [(2, 4)]}
     _check_eight_devices(run_devices(EIGHT_DEVICES.replace("MESHES_HERE", repr(meshes))), meshes)
 
 
 @pytest.mark.slow
 def test_eight_devices_fsdp_steps_equal_one_device_on_every_mesh_shape():
-    meshes = {"sft": [(8, 1), (4, 2), (2, 4), (1, 8)], "learner": [(8, 1), (4, 2), (2, 4), (1, 8)]}
+    every = [(8, 1), (4, 2), (2, 4), (1, 8)]
+    meshes = {"sft": every, "learner": every, "grpo": every}
     _check_eight_devices(run_devices(EIGHT_DEVICES.replace("MESHES_HERE", repr(meshes))), meshes)
 
 
