@@ -96,7 +96,7 @@ def default_config() -> ConfigDict:
     c.search.candidates = "sample"  # or "enumerate" (task's legal-step generator)
     c.search.distinct_candidates = True  # sampled: K distinct steps, drawn without replacement
     c.search.group_rows = 32  # candidate rows per batched model call of an expansion (row groups)
-    c.search.max_tree_gib = 4.0  # the most memory one batch's search trees (KV caches included) may hold
+    c.search.max_tree_gib = 4.0  # the most memory one device's search trees (KV caches included) may hold
     c.search.length_normalize = False
     c.search.max_num_considered_actions = 8
     c.search.gumbel_scale = 1.0

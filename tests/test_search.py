@@ -871,6 +871,13 @@ def test_a_tree_over_the_memory_budget_is_refused_before_the_search(setup, caplo
                                              rf"search.max_tree_gib=0.002. What fits: {fit} simulations at batch 3; "
                                              rf"or batch 1 at 64 simulations; or a model with d_model <= \d+"):
             fresh(params, keys, inputs)
+    # On a mesh each device holds its share of the rows: what is refused on one device fits on 3, and the
+    # budget and the batch that fits are per device and for the whole mesh.
+    fresh.check_memory(params, 3, shards=3)
+    with pytest.raises(ValueError, match=rf"would hold [\d.]+ GiB on each of 2 devices \(2 problems each\).*"
+                                         rf"What fits: {int(0.002 * 2 ** 30 // (2 * per_node)) - 1} simulations at "
+                                         rf"batch 4; or batch 2 at 64 simulations"):
+        fresh.check_memory(params, 4, shards=2)
 
 
 def test_runs_made_before_distinct_candidates_keep_independent_samples():

@@ -73,7 +73,7 @@ class SearchConfig:
     dirichlet_alpha: float = 0.3  # PUCT root noise
     dirichlet_fraction: float = 0.25
     puct_temperature: float = 1.0  # PUCT: temperature of action_weights over visit counts
-    max_tree_gib: float = 4.0  # the most memory one batch's search trees may hold (KV caches included)
+    max_tree_gib: float = 4.0  # the most memory one device's search trees may hold (KV caches included)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -167,27 +167,32 @@ class Searcher:
         """Bytes the trees of a batch of ``batch_size`` problems hold: ``B x (N + 1)`` nodes."""
         return batch_size * (self.config.num_simulations + 1) * self.node_bytes(params)
 
-    def check_memory(self, params, batch_size: int) -> None:
-        """Raises ``ValueError`` when a batch's trees exceed ``max_tree_gib``, naming what fits."""
+    def check_memory(self, params, batch_size: int, shards: int = 1) -> None:
+        """Raises ``ValueError`` when one device's trees exceed ``max_tree_gib``, naming what fits.
+
+        ``shards``: the devices the batch's rows are split over (a mesh's size); each holds its share.
+        """
         budget = self.config.max_tree_gib * 2 ** 30
-        need = self.tree_bytes(params, batch_size)
+        rows = -(-batch_size // shards)
+        need = self.tree_bytes(params, rows)
         if need <= budget:
             return
         per_node, N = self.node_bytes(params), self.config.num_simulations
-        sims = int(budget // (batch_size * per_node)) - 1
-        batch = int(budget // ((N + 1) * per_node))
+        sims = int(budget // (rows * per_node)) - 1
+        batch = int(budget // ((N + 1) * per_node)) * shards
         cfg = nnx.merge(self.env.graphdef, params).config
         per_width = 2 * cfg.num_layers * jnp.dtype(cfg.dtype).itemsize * self.env.seq_len  # cache bytes per d_model
         rest = per_node - (per_width * cfg.d_model if self.env.uses_cache else 0)
-        width = int((budget / (batch_size * (N + 1)) - rest) // per_width)
+        width = int((budget / (rows * (N + 1)) - rest) // per_width)
         fits = ([f"{sims} simulations at batch {batch_size}"] if sims >= 1 else []) + \
                ([f"batch {batch} at {N} simulations"] if batch >= 1 else []) + \
                [f"a model with d_model <= {max(width, 0)} ({cfg.num_layers} layers) at this batch and simulations"]
+        where = f" on each of {shards} devices ({rows} problems each)" if shards > 1 else ""
         raise ValueError(
             f"the search trees of a batch of {batch_size} problems x {N + 1} nodes ({N} simulations) would hold "
-            f"{need / 2 ** 30:.2f} GiB ({per_node / 1024:.1f} KiB per node, with the keys and values of the node's "
-            f"prefix: {cfg.num_layers} layers x 2 x {self.env.seq_len} positions x d_model {cfg.d_model}), over "
-            f"search.max_tree_gib={self.config.max_tree_gib:g}. What fits: {'; or '.join(fits)}; "
+            f"{need / 2 ** 30:.2f} GiB{where} ({per_node / 1024:.1f} KiB per node, with the keys and values of the "
+            f"node's prefix: {cfg.num_layers} layers x 2 x {self.env.seq_len} positions x d_model {cfg.d_model}), "
+            f"over search.max_tree_gib={self.config.max_tree_gib:g}. What fits: {'; or '.join(fits)}; "
             f"or raise search.max_tree_gib")
 
     def __call__(self, params, keys, inputs: dict[str, Any]) -> SearchResult:
@@ -197,7 +202,7 @@ class Searcher:
         ways); it is dropped here unless ``keep_tree``. A batch whose trees
         would exceed ``max_tree_gib`` raises ``ValueError`` before anything runs.
         """
-        self.check_memory(params, int(jax.tree.leaves(inputs)[0].shape[0]))
+        self.check_memory(params, int(jax.tree.leaves(inputs)[0].shape[0]), 1 if self.mesh is None else self.mesh.size)
         if self.mesh is not None:
             keys, inputs = parallel.shard_batch((keys, inputs), self.mesh)
         result = self._jitted(params, keys, inputs)
