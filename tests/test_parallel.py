@@ -146,6 +146,7 @@ EIGHT_DEVICES = """
     from alphareason.model.testing import perturbed_model
     from alphareason.run import make_optimizer
     from alphareason.search import EnvConfig, SearchConfig, Searcher
+    from alphareason.search.decode import LegalStepDecoder
     from alphareason.tasks import get_task
     from alphareason.train.grpo import GRPO, GRPOSettings, token_logprobs
     from alphareason.train.loop import make_learner_step
@@ -179,6 +180,14 @@ EIGHT_DEVICES = """
     out["float_diff"] = sorted((float(np.max(np.abs(np.asarray(a) - b) / np.maximum(1.0, np.abs(np.asarray(a))))),
                                 path) for path, (a, b) in zip(paths, pairs)
                                if jnp.issubdtype(a.dtype, jnp.floating) and a.size)[-3:]
+
+    # Policy-only decoding over legal steps: each device decodes its own problems, as one device does.
+    legal = LegalStepDecoder(task, graphdef, seq_len=64)
+    alone = [legal(params, None, jax.tree.map(lambda x: x[i:i + 1], inputs)) for i in range(8)]
+    split = LegalStepDecoder(task, graphdef, seq_len=64, mesh=mesh)(parallel.place_state(params, mesh), None, inputs)
+    out["legal_shards"] = len(split["tokens"].sharding.device_set)
+    out["legal_equal"] = all(bool(np.array_equal(np.concatenate([np.asarray(a[k]) for a in alone]),
+                                                 parallel.to_host(split[k]))) for k in ("tokens", "length", "solved"))
 
     # SFT and learner steps with FSDP against one device: 8 rows, one per device.
     rng = np.random.default_rng(0)
@@ -239,6 +248,7 @@ def _check_eight_devices(out, meshes):
     assert out["discrete_equal"], "a per-shard search tree differs from the single-device tree"
     assert out["float_diff"][-1][0] <= 1e-6, out["float_diff"]  # relative to the value (or 1 below 1)
     assert out["tree_leaves"] > 20  # the whole mctx tree was compared, not only the summary
+    assert out["legal_shards"] == 8 and out["legal_equal"], "policy-only legal-step decoding differs on the mesh"
     for name, pairs in meshes.items():
         assert out["moved"][name] > 1e-3  # the step changed the parameters (not a comparison of two no-ops)
         for data, fsdp in pairs:
@@ -247,7 +257,7 @@ def _check_eight_devices(out, meshes):
             assert shard0 == shard1 == whole // fsdp  # each device holds 1/fsdp of the parameter (FSDP)
 
 
-def test_eight_devices_sharded_search_and_fsdp_sft_learner_and_grpo_steps_equal_one_device():
+def test_eight_devices_sharded_search_decoding_and_fsdp_sft_learner_and_grpo_steps_equal_one_device():
     meshes = {"sft": [(4, 2)], "learner": [(2, 4)], "grpo": [(2, 4)]}
     _check_eight_devices(run_devices(EIGHT_DEVICES.replace("MESHES_HERE", repr(meshes))), meshes)
 

@@ -94,7 +94,7 @@ class Evaluator:
         if settings.env.candidates == "enumerate" and settings.strategy == "greedy":
             # the policy over the task's legal steps (what the search with enumerated candidates uses)
             self.decoder = LegalStepDecoder(task, self.graphdef, seq_len=self.seq_len,
-                                            length_normalize=settings.env.length_normalize)
+                                            length_normalize=settings.env.length_normalize, mesh=mesh)
         else:
             self.decoder = ChainDecoder(task, self.graphdef, seq_len=self.seq_len, traces=settings.traces,
                                         mesh=mesh)

@@ -247,17 +247,22 @@ class LegalStepDecoder:
     Returns what ``ChainDecoder`` returns for one lane per problem; a step
     needs the scoring pass over the prefix and every legal step's tokens, and
     computes it for every row at its padded size (``computed``) while any
-    row is still live.
+    row is still live. ``mesh``: the problems are split over its devices, as
+    ``ChainDecoder``'s (each device steps until its own rows are done).
     """
 
-    def __init__(self, task: Task, graphdef, *, seq_len: int, length_normalize: bool = False):
+    def __init__(self, task: Task, graphdef, *, seq_len: int, length_normalize: bool = False, mesh=None):
         self.task, self.graphdef, self.seq_len = task, graphdef, seq_len
-        self.length_normalize = length_normalize
-        self._jitted = jax.jit(self._decode)
+        self.length_normalize, self.mesh = length_normalize, mesh
+        self._jitted = jax.jit(self._decode if mesh is None else
+                               lambda params, *rows: parallel.per_shard(self._decode, mesh)(params, *rows))
 
     def __call__(self, params, keys, inputs: dict[str, Any], **unused) -> dict[str, jax.Array]:
         del keys, unused  # deterministic
-        return self._jitted(params, inputs["tokens"], inputs["length"], inputs["task_state"])
+        rows = (inputs["tokens"], inputs["length"], inputs["task_state"])
+        if self.mesh is not None:
+            rows = parallel.shard_batch(rows, self.mesh)
+        return self._jitted(params, *rows)
 
     def _decode(self, params, tokens, length, task_state):
         from alphareason.search.env import score_candidates
