@@ -270,6 +270,7 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     table = study.markdown(out)
     assert "vs corrected" in table and "66.7%, 33.3%" in table and "-25.0% [" in table
     assert "| corrected | AUC vs V* at step ends | 0.65 [" in table and "| uncorrected | AUC" not in table
+    assert "| corrected | prompt AUC vs greedy | 0.70 |" in table  # one seed: its value, with no interval
     # another reference than alphazero writes its own files, not over study.*
     assert {"study_vs_corrected.json", "study_vs_corrected.md", "study_vs_corrected.png"} <= set(os.listdir(tmp_path))
     assert not (tmp_path / "study.md").exists()

@@ -355,8 +355,16 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
     return out
 
 
+def _with_interval(x: dict[str, float], form: str) -> str:
+    """``mean [low, high]`` in ``form``; one seed has no interval, and shows its value alone."""
+    if x["n"] < 2:
+        return format(x["mean"], form)
+    return f"{format(x['mean'], form)} [{format(x['low'], form)}, {format(x['high'], form)}]"
+
+
 def markdown(study: dict[str, Any]) -> str:
-    """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds."""
+    """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds
+    (an interval only where there are two seeds or more)."""
     lines = [f"## {study['title']}" if study["title"] else "## Self-play study", "",
              "Policy-only (greedy) solve rate on the test split, mean over seeds [95% t interval]; compute is "
              "the mean total token forwards (self-play + learner, as computed) at the last iteration. Against "
@@ -369,13 +377,12 @@ def markdown(study: dict[str, Any]) -> str:
             + f" | last, per seed | compute | vs {ref} |")
     lines += [head, "|" + "---|" * (its + 5)]
     for name, a in study["algorithms"].items():
-        cells = [f"{x['test_greedy']['mean']:.1%} [{x['test_greedy']['low']:.1%}, {x['test_greedy']['high']:.1%}]"
-                 for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
+        cells = [_with_interval(x["test_greedy"], ".1%") for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
         paired = study["paired"].get(name)
         versus = ""
         if paired:
             d = paired["difference"]
-            versus = (f"{d['mean']:+.1%} [{d['low']:+.1%}, {d['high']:+.1%}] over {d['n']} seeds; pooled p = "
+            versus = (f"{_with_interval(d, '+.1%')} over {d['n']} seed{'s' if d['n'] > 1 else ''}; pooled p = "
                       f"{paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
                       f"{ref} / {name})")
         compute = a["iterations"][-1]["total_token_forwards"] if a["iterations"] else 0
@@ -394,7 +401,7 @@ def markdown(study: dict[str, Any]) -> str:
             cells = []
             for x in a["iterations"]:
                 v = x.get("value", {}).get(key)
-                cells.append(f"{v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" if v else "")
+                cells.append(_with_interval(v, ".2f") if v else "")
             cells += [""] * (its - len(a["iterations"]))
             lines.append(f"| {name} | {VALUE_DIAGNOSTICS[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
