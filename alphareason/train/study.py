@@ -153,6 +153,8 @@ def adopt_sft(config: ConfigDict, source: str, sft_dir: str, log: Callable[[str]
     data = {k: [stored["data"].get(k), v] for k, v in current["data"].items() if stored["data"].get(k) != v}
     record = {"source": os.path.abspath(source), "data_differences": data}
     if os.path.isdir(checkpoint_dir(sft_dir, "sft")):
+        if not os.path.exists(os.path.join(sft_dir, SFT_FROM)):
+            log(f"seed {config.seed}: {sft_dir} has its own SFT start already; --sft-from {source} is not used")
         return record
     shutil.copytree(src_ckpt, checkpoint_dir(sft_dir, "sft"))
     src_metrics = os.path.join(source, "metrics.jsonl")
