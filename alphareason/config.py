@@ -286,6 +286,20 @@ def upgrade_config(stored: dict, *, where: str = "config.json") -> ConfigDict:
     return config
 
 
+def stored_config_json(path: str) -> dict:
+    """The config stored at ``path`` (a run's ``config.json``), upgraded to today's keys, as plain JSON values.
+
+    The form in which two runs' configs are compared: ``ConfigDict.to_dict`` through a JSON round trip,
+    so tuples and lists, and values JSON cannot hold (written with ``str``), compare equal."""
+    with open(path) as f:
+        return config_json(upgrade_config(json.load(f), where=path))
+
+
+def config_json(config: ConfigDict) -> dict:
+    """``config`` as the plain JSON values a run's ``config.json`` holds (see ``stored_config_json``)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
 def run_config(workdir: str) -> ConfigDict:
     """The config a training run in ``workdir`` was made with (its ``config.json``)."""
     path = os.path.join(workdir, "config.json")

@@ -30,7 +30,7 @@ from flax import nnx
 
 from alphareason import parallel
 from alphareason.checkpoint import Checkpointer, restore_into, snapshot
-from alphareason.config import ConfigDict, ConfigError, upgrade_config
+from alphareason.config import ConfigDict, ConfigError, config_json, stored_config_json
 from alphareason.data import BatchIterator
 from alphareason.data.loader import VALUE_LABELS
 from alphareason.model import Transformer, count_params
@@ -53,10 +53,9 @@ def check_workdir_config(workdir: str, config: ConfigDict, sections=("task", "mo
     The mesh may change between runs: checkpoints restore on any mesh.
     """
     path = os.path.join(workdir, "config.json")
-    current = json.loads(json.dumps(config.to_dict(), default=str))
+    current = config_json(config)
     if os.path.exists(path):
-        with open(path) as f:
-            stored = json.loads(json.dumps(upgrade_config(json.load(f), where=path).to_dict(), default=str))
+        stored = stored_config_json(path)
         diffs = [s for s in sections if stored.get(s) != current.get(s)]
         if diffs:
             raise ConfigError(

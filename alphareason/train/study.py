@@ -137,15 +137,13 @@ def adopt_sft(config: ConfigDict, source: str, sft_dir: str, log: Callable[[str]
     the seed copies that record into its ``run.json``. Nothing is copied if ``sft_dir`` has a
     checkpoint already.
     """
-    from alphareason.config import upgrade_config
+    from alphareason.config import config_json, stored_config_json
     from alphareason.run import checkpoint_dir
     src_ckpt, src_config = checkpoint_dir(source, "sft"), os.path.join(source, "config.json")
     if not (os.path.isdir(src_ckpt) and os.path.exists(src_config)):
         raise ConfigError(f"--sft-from {source}: no SFT run there (expected {src_config} and {src_ckpt}); give a "
                           f"--workdir of `alphareason train` or `sft`")
-    with open(src_config) as f:
-        stored = json.loads(json.dumps(upgrade_config(json.load(f), where=src_config).to_dict(), default=str))
-    current = json.loads(json.dumps(config.to_dict(), default=str))
+    stored, current = stored_config_json(src_config), config_json(config)
     differ = [k for k in ("task", "model", "train", "seed") if stored.get(k) != current.get(k)]
     if differ:
         raise ConfigError(f"--sft-from {source}: its {', '.join(differ)} config differs from this study's; a warm "
