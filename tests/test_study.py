@@ -157,7 +157,26 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     for f in ("study.json", "study.md", "study.png"):
         assert os.path.exists(os.path.join(results, f))
     files = sorted(os.listdir(os.path.join(results, "alphazero", "seed0")))
-    assert files == ["metrics.jsonl", "run.json", "test_greedy_0.jsonl", "test_greedy_1.jsonl"]
+    assert files == ["metrics.jsonl", "run.json", "test_greedy_0.jsonl", "test_greedy_1.jsonl",
+                     "validation_greedy_0.jsonl", "validation_greedy_1.jsonl",
+                     "validation_mcts_0.jsonl", "validation_mcts_1.jsonl"]
+    # the validation results, per problem, agree with the eval record's rates; the search at the last
+    # iteration is paired with the start's on the same problems
+    evals = {r["step"]: r for r in map(json.loads, open(os.path.join(results, "alphazero", "seed0", "metrics.jsonl")))
+             if r["phase"] == "eval"}
+    for it in (0, 1):
+        for name in ("greedy", "mcts"):
+            rows = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0",
+                                                             f"validation_{name}_{it}.jsonl"))]
+            assert np.mean([r["solved"] for r in rows]) == pytest.approx(evals[it][f"{name}_solve_rate"])
+    start = [json.loads(x)["solved"] for x in open(os.path.join(results, "alphazero", "seed0", "validation_mcts_0.jsonl"))]
+    last = [json.loads(x)["solved"] for x in open(os.path.join(results, "alphazero", "seed0", "validation_mcts_1.jsonl"))]
+    s = out["algorithms"]["alphazero"]["search_against_start"]
+    assert (s["start"], s["last"], s["iterations"]) == (np.mean(start), np.mean(last), [1])
+    assert s["a_only"] == sum(a and not b for a, b in zip(start, last))
+    assert s["b_only"] == sum(b and not a for a, b in zip(start, last))
+    assert [x["validation_mcts"]["mean"] for x in out["algorithms"]["alphazero"]["iterations"]] == \
+        [evals[0]["mcts_solve_rate"], evals[1]["mcts_solve_rate"]]
     evals = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "metrics.jsonl"))]
     evals = [r for r in evals if r["phase"] == "eval"]
     for key in ("value_auc_mc", "value_brier_mc", "value_auc_vstar_depth0", "policy_legal_mass"):

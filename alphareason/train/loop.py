@@ -429,6 +429,9 @@ class SelfPlayLoop:
         for name, evaluator in self.evaluators.items():
             evaluator.set_params(model)
             out[name] = evaluator.run(self.eval_problems, key)
+        if parallel.is_main_process():  # per-problem, for paired tests between iterations and algorithms
+            for name, rows in out.items():
+                write_results(rows, os.path.join(self.workdir, "results", f"validation_{name}_{it}.jsonl"))
         values = {"greedy_solve_rate": float(np.mean([r["solved"] for r in out["greedy"]])),
                   "mcts_solve_rate": float(np.mean([r["solved"] for r in out["mcts"]])),
                   "mcts_token_forwards_per_problem": float(np.mean([r["token_forwards"] for r in out["mcts"]]))}

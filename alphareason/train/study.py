@@ -235,8 +235,9 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
     out = os.path.join(results, run_name(algorithm, seed))
     os.makedirs(out, exist_ok=True)
     shutil.copy(os.path.join(workdir, "metrics.jsonl"), os.path.join(out, "metrics.jsonl"))
-    for path in glob.glob(os.path.join(workdir, "results", "test_greedy_*.jsonl")):
-        shutil.copy(path, out)
+    for pattern in ("test_greedy_*.jsonl", "validation_*_*.jsonl"):
+        for path in glob.glob(os.path.join(workdir, "results", pattern)):
+            shutil.copy(path, out)
     info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
             "matched_compute": matched, "variant_overrides": list((variants or {}).get(algorithm, [])),
             "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
@@ -272,15 +273,43 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
         algorithm, seed = os.path.basename(os.path.dirname(folder)), int(os.path.basename(folder)[4:])
         with open(path) as f:
             info = json.load(f)
-        test, kinds = {}, {}
+        test, kinds, search = {}, {}, {}
         for p in glob.glob(os.path.join(folder, "test_greedy_*.jsonl")):
             it = int(os.path.basename(p)[len("test_greedy_"):-len(".jsonl")])
-            with open(p) as f:
-                rows = [json.loads(x) for x in f if x.strip()]
+            rows = _read_rows(p)
             test[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in rows}
             kinds[it] = [failure_kind(r.get("reason", "")) for r in rows]
-        runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test, "kinds": kinds}
+        for p in glob.glob(os.path.join(folder, "validation_mcts_*.jsonl")):
+            it = int(os.path.basename(p)[len("validation_mcts_"):-len(".jsonl")])
+            search[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in _read_rows(p)}
+        runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test, "kinds": kinds,
+                                                "validation_mcts": search}
     return runs
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def search_against_start(seeds: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Does training change what the search solves? The validation MCTS results of the last iteration
+    against iteration 0 (the start), McNemar's exact test on per-problem results pooled over the seeds
+    that kept them (``validation_mcts_<it>.jsonl``); None where no seed has both."""
+    start, last, iterations = [], [], []
+    for run in seeds.values():
+        search = run.get("validation_mcts", {})
+        if 0 not in search or max(search) == 0:
+            continue
+        it = max(search)
+        common = sorted(set(search[0]) & set(search[it]))
+        start += [search[0][k] for k in common]
+        last += [search[it][k] for k in common]
+        iterations.append(it)
+    if not start:
+        return None
+    return {"iterations": iterations, "start": float(np.mean(start)), "last": float(np.mean(last)),
+            **mcnemar(np.array(start), np.array(last))}
 
 
 def _number(x: Any) -> float | None:
@@ -313,6 +342,8 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
                        for s in seeds.values()]
             val = [next((r.get("greedy_solve_rate") for r in s["eval"] if r["step"] == it), None)
                    for s in seeds.values()]
+            search = [next((r.get("mcts_solve_rate") for r in s["eval"] if r["step"] == it), None)
+                      for s in seeds.values()]
             kinds = [k for s in seeds.values() for k in s["kinds"][it]]
             value = {}
             for key in VALUE_DIAGNOSTICS:
@@ -323,8 +354,10 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
                            "outcomes": {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds))},
                            "total_token_forwards": float(np.mean(compute)),
                            "validation_greedy": mean_interval([v for v in val if v is not None]),
+                           "validation_mcts": mean_interval([v for v in search if v is not None]),
                            "value": value})
-        out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it}
+        out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it,
+                                        "search_against_start": search_against_start(seeds)}
     if reference in runs:
         ref = runs[reference]
         for algorithm, seeds in runs.items():
@@ -389,6 +422,22 @@ def markdown(study: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{r:.1%}" for r in a["iterations"][-1]["rates"]) if a["iterations"] else ""
         lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells)
                      + f" | {per_seed} | {compute:,.0f} | {versus} |")
+    searched = {name: a for name, a in study["algorithms"].items()
+                if any(x.get("validation_mcts", {}).get("n") for x in a["iterations"])}
+    if searched:
+        lines += ["", "The search (MCTS, the run's `selfplay.eval_simulations`) on the validation problems, mean "
+                  "over seeds [95% t interval]; last against start: McNemar's exact test on the per-problem "
+                  "results pooled over the seeds that kept them (runs from before they were kept have none).", "",
+                  "| algorithm | " + " | ".join(f"iteration {i}" for i in range(its)) + " | last against start |",
+                  "|" + "---|" * (its + 2)]
+        for name, a in searched.items():
+            cells = [_with_interval(x["validation_mcts"], ".1%") if x["validation_mcts"]["n"] else ""
+                     for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
+            s = a.get("search_against_start")
+            versus = (f"{s['start']:.1%} → {s['last']:.1%}, p = {s['p_value']:.3g} ({s['a_only']} / {s['b_only']} "
+                      f"solved only at the start / the last iteration; {len(s['iterations'])} "
+                      f"seed{'s' if len(s['iterations']) > 1 else ''})") if s else ""
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
     rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
             if any(key in x.get("value", {}) for x in a["iterations"])]
     if rows:
