@@ -144,25 +144,30 @@ def sft_batch_from_trajectories(task: Task, traj: dict[str, np.ndarray]) -> dict
     return collate(examples)
 
 
-def make_learner_step(graphdef, config: ConfigDict, task: Task, state_sharding=None) -> Callable:
-    """A jitted ``(state, batch) -> (state, metrics)``; ``state_sharding`` keeps the state where it lives."""
+def learner_objective(config: ConfigDict, task: Task) -> Callable:
+    """``(model, batch) -> (loss, metrics)``: the learner's loss for the config's algorithm (``selfplay_loss``)."""
     sp = config.selfplay
-    algorithm = sp.algorithm
     weights = {"alphazero": (sp.policy_weight, sp.value_weight, sp.sft_weight),
                "expert_iteration": (0.0, sp.value_weight, 1.0),
-               "sft_only": (0.0, 0.0, 1.0)}[algorithm]
+               "sft_only": (0.0, 0.0, 1.0)}[sp.algorithm]
+
+    def objective(model, batch):
+        return selfplay_loss(model, batch, policy_weight=weights[0], value_weight=weights[1],
+                             sft_weight=weights[2], value_target=sp.value_target, task=task,
+                             length_normalize=config.search.length_normalize,
+                             policy_target=sp.policy_target,
+                             sampled_set_correction=sp.sampled_set_correction)
+
+    return objective
+
+
+def make_learner_step(graphdef, config: ConfigDict, task: Task, state_sharding=None) -> Callable:
+    """A jitted ``(state, batch) -> (state, metrics)``; ``state_sharding`` keeps the state where it lives."""
+    objective = learner_objective(config, task)
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
-
-        def objective(m):
-            return selfplay_loss(m, batch, policy_weight=weights[0], value_weight=weights[1],
-                                 sft_weight=weights[2], value_target=sp.value_target, task=task,
-                                 length_normalize=config.search.length_normalize,
-                                 policy_target=sp.policy_target,
-                                 sampled_set_correction=sp.sampled_set_correction)
-
-        (_, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        (_, metrics), grads = nnx.value_and_grad(lambda m: objective(m, batch), has_aux=True)(model)
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), metrics
 
