@@ -79,6 +79,12 @@ def test_uninterrupted_run_writes_iterations_and_checkpoints(reference):
     # Self-play compute grows and is counted in model token forwards.
     assert 0 < rows[1]["selfplay_token_forwards"] < rows[2]["selfplay_token_forwards"]
     assert sp[-1]["replay_size"] > sp[0]["replay_size"] > 0
+    # the moves each iteration added, and how often the learner will draw each of them
+    assert sp[0]["selfplay_moves"] == sp[0]["replay_size"]
+    assert sp[1]["replay_size"] < config.selfplay.replay_capacity  # nothing overwritten yet
+    assert sp[1]["selfplay_moves"] == sp[1]["replay_size"] - sp[0]["replay_size"]
+    draws = config.selfplay.learner_steps * config.selfplay.learner_batch_size
+    assert [r["learner_draws_per_new_move"] for r in sp] == [draws / r["selfplay_moves"] for r in sp]
     _, meta = _params(config, workdir)
     assert meta["iteration"] == 2 and meta["phase"] == "selfplay"
     assert os.path.isdir(os.path.join(workdir, "tensorboard"))

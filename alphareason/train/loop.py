@@ -279,13 +279,13 @@ class SelfPlayLoop:
         params = nnx.state(self.model)
         bar = Progress(total=len(problems), desc=f"iter {it}/{sp.iterations} self-play", enabled=self.progress,
                        unit="episode")
-        solved, net_values, outcomes, forwards, computed = [], [], [], 0, 0
+        solved, net_values, outcomes, forwards, computed, moves = [], [], [], 0, 0, 0
         key = jax.random.key(config.seed * 7919 + it)
         B = sp.actor_batch_size
         for start in range(0, len(problems), B):
             chunk = problems[start: start + B]
             batch = self.play_batch(params, chunk, jax.random.fold_in(key, start), start)
-            self.it.replay.add_episodes(batch, prompt_lengths=prompt_lengths(task, batch.problems))
+            moves += self.it.replay.add_episodes(batch, prompt_lengths=prompt_lengths(task, batch.problems))
             solved.extend(batch.solved.tolist())
             forwards += int(batch.token_forwards.sum())
             computed += int(batch.computed_token_forwards.sum())
@@ -298,7 +298,13 @@ class SelfPlayLoop:
         self.it.totals["selfplay_token_forwards"] += forwards
         self.it.totals["selfplay_computed_token_forwards"] += computed
         seconds = time.time() - t0
+        # How often the coming learner phase draws each new sample (moves; solved chains for the SFT term):
+        # far above 1, it fits this iteration's few hundred moves (experiments/sample_reuse.py).
+        draws, (use_moves, use_chains) = sp.learner_steps * sp.learner_batch_size, learner_batch_parts(sp)
+        reuse = {**({"learner_draws_per_new_move": draws / max(moves, 1)} if use_moves else {}),
+                 **({"learner_draws_per_new_solved_chain": draws / max(int(np.sum(solved)), 1)} if use_chains else {})}
         return {"selfplay_solve_rate": float(np.mean(solved)), "selfplay_episodes": len(problems),
+                "selfplay_moves": moves, **reuse,
                 "replay_size": self.it.replay.size, "replay_trajectories": self.it.replay.num_trajectories,
                 **{f"value_{k}": x for k, x in calibration(np.asarray(net_values), np.asarray(outcomes)).items()},
                 "selfplay_seconds": seconds, "episodes_per_s": len(problems) / max(seconds, 1e-9)}
