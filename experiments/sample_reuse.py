@@ -32,6 +32,7 @@ arms whose file exists; ``report`` writes ``sample_reuse.md`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -109,15 +110,15 @@ def _batches(moves, rows: np.ndarray, batch_size: int):
 
 
 def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: float, val_problems: int,
-            mcts_problems: int, seed: int, log=print) -> dict[str, Any]:
+            mcts_problems: int, seed: int, overrides: Sequence[str] = (), log=print) -> dict[str, Any]:
     import jax
     from flax import nnx
 
-    from alphareason.config import run_config
+    from alphareason.config import apply_overrides, run_config
     from alphareason.eval import EvalSettings, Evaluator
     from alphareason.run import env_config, load_model, make_optimizer, search_config, split_problems, traces
     from alphareason.train.loop import learner_objective, make_learner_step
-    config = run_config(source)
+    config = apply_overrides(run_config(source), [f"selfplay.{o}" for o in overrides])
     sp = config.selfplay
     if sp.algorithm != "alphazero":
         raise ValueError(f"{source} is a {sp.algorithm} run; this experiment replays an alphazero run's moves")
@@ -177,7 +178,7 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
             break
         idx = rng.choice(train_rows, size=B)
         state, _ = step_fn(state, {k: moves[k][idx] for k in MOVE_KEYS})
-    return {"arm": arm, "source": os.path.abspath(source), "steps": steps, "batch_size": B,
+    return {"arm": arm, "overrides": list(overrides), "source": os.path.abspath(source), "steps": steps, "batch_size": B,
             "learning_rate": sp.learning_rate, "train_moves": len(train_rows), "held_moves": len(held_rows),
             "draws_per_train_move": steps * B / len(train_rows),
             "held_problems": split["held_problems"], "first_iteration_problems": split["first_problems"],
@@ -191,11 +192,9 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
 def report(results: str) -> str:
     from alphareason.eval.stats import mcnemar
     arms = {}
-    for arm in ARMS:
-        path = os.path.join(results, f"{arm}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                arms[arm] = json.load(f)
+    for path in sorted(glob.glob(os.path.join(results, "*.json")), key=lambda p: (os.path.getmtime(p), p)):
+        with open(path) as f:
+            arms[os.path.basename(path)[:-len(".json")]] = json.load(f)
     if not arms:
         raise FileNotFoundError(f"no arm results under {results} (run first)")
     lines = ["## Does the learner over-fit its replay?", "",
@@ -261,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--validation-problems", type=int, default=200)
     r.add_argument("--mcts-problems", type=int, default=0, help="validation problems searched (0: none)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--learner", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="selfplay.* overrides of the learner (e.g. value_weight=0); the arm's file is "
+                        "<arm>__<overrides>.json")
     g = sub.add_parser("report")
     g.add_argument("--results", required=True)
     args = p.parse_args(argv)
@@ -273,12 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--held-fraction={args.held_fraction} must be in (0, 1)")
     os.makedirs(args.results, exist_ok=True)
     for arm in args.arms:
-        out = os.path.join(args.results, f"{arm}.json")
+        name = "__".join([arm] + [o.replace("=", "-") for o in args.learner])
+        out = os.path.join(args.results, f"{name}.json")
         if os.path.exists(out):
             print(f"{arm}: {out} exists, skipped")
             continue
         result = run_arm(args.source, arm, steps=steps, every=args.every, held_fraction=args.held_fraction,
-                         val_problems=args.validation_problems, mcts_problems=args.mcts_problems, seed=args.seed)
+                         val_problems=args.validation_problems, mcts_problems=args.mcts_problems, seed=args.seed,
+                         overrides=args.learner)
         with open(out + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(out + ".tmp", out)
