@@ -128,6 +128,9 @@ def default_config() -> ConfigDict:
     # the search's prior (minus log P(drawn)), so the fixed point of the distillation is the improved policy
     # itself and not it divided by the candidates' inclusion probabilities (Sampled MuZero, Hubert et al. 2021).
     c.selfplay.sampled_set_correction = True
+    # The moves the policy term learns from: "all", or "solved" (only those of episodes the verifier accepted;
+    # elsewhere the target ranks candidates by the value's guesses alone). The value term uses every move.
+    c.selfplay.policy_moves = "all"
     c.selfplay.eval_simulations = 16
     c.selfplay.action_temperature = 1.0  # moves sampled from the search policy (0: argmax)
     c.selfplay.curriculum = False  # easy problems first, by the task's difficulty levels

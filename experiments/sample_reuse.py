@@ -118,6 +118,7 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
     from alphareason.eval import EvalSettings, Evaluator
     from alphareason.run import env_config, load_model, make_optimizer, search_config, split_problems, traces
     from alphareason.train.loop import learner_objective, make_learner_step
+    from alphareason.train.study import failure_kind
     config = apply_overrides(run_config(source), [f"selfplay.{o}" for o in overrides])
     sp = config.selfplay
     if sp.algorithm != "alphazero":
@@ -159,7 +160,8 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
             evaluator.set_params(nnx.merge(graphdef, state)[0])
             rows = evaluator.run(validation[:n], key)
             out[name] = {"solve_rate": float(np.mean([r["solved"] for r in rows])),
-                         "solved": [bool(r["solved"]) for r in rows]}
+                         "solved": [bool(r["solved"]) for r in rows],
+                         "outcomes": [failure_kind(r.get("reason", "")) for r in rows]}
         return out
 
     t0 = time.time()

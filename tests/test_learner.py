@@ -182,6 +182,27 @@ def test_policy_loss_is_cross_entropy_to_action_weights_and_learns(task):
     assert losses[-1] < entropy + 0.25
 
 
+def test_policy_moves_solved_learns_the_policy_only_from_solved_episodes(task):
+    """policy_moves="solved": the policy term is the mean over the solved rows only; the value term is unchanged."""
+    model = perturbed_model(ModelConfig.micro(max_len=48), seed=5, scale=0.05)
+    _, tokens, length, cands = _states(task, seed=1)
+    weights = np.tile(np.array([0.6, 0.3, 0.1, 0.0], np.float32), (B, 1))
+    weights[1] = [0.0, 0.1, 0.2, 0.7]
+    batch = jax.tree.map(jnp.asarray, {
+        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": np.ones((B, K), bool),
+        "action_weights": weights, "search_value": np.full((B,), 0.5, np.float32),
+        "outcome": np.array([1, 0, 1], np.float32)})
+    _, every = selfplay_loss(model, batch, task=NO_TOOL)
+    _, solved = selfplay_loss(model, batch, task=NO_TOOL, policy_moves="solved")
+    rows = np.array([0, 2])
+    _, subset = selfplay_loss(model, jax.tree.map(lambda x: x[rows], batch), task=NO_TOOL)
+    np.testing.assert_allclose(float(solved["policy_loss"]), float(subset["policy_loss"]), rtol=1e-6)
+    assert abs(float(solved["policy_loss"]) - float(every["policy_loss"])) > 1e-3  # row 1 counted before
+    np.testing.assert_allclose(float(solved["value_loss"]), float(every["value_loss"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="policy_moves"):
+        selfplay_loss(model, batch, task=NO_TOOL, policy_moves="won")
+
+
 def test_sampled_set_correction_makes_the_searchs_own_prior_a_fixed_point(task):
     """Candidates drawn without replacement: the search's prior is log pi - log q (q = P(drawn)). If the search
     adds nothing (target = softmax of that prior), the corrected loss is already at its minimum (zero policy

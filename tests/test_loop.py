@@ -132,6 +132,7 @@ def test_baseline_algorithms_run(tmp_path, algorithm):
     ("selfplay.replay_capacity", 10, "replay_capacity=10 is smaller than one iteration"),
     ("selfplay.algorithm", "alphago", "choose one of alphazero"),
     ("selfplay.value_target", "td", "choose one of outcome"),
+    ("selfplay.policy_moves", "won", "policy_moves=.won.; choose one of all, solved"),
     ("model.max_len", 20, "model.max_len=20 is shorter"),
     ("search.policy", "uct", "search.policy='uct'"),
     ("search.candidates", "beam", "choose 'sample' or 'enumerate'"),

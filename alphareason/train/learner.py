@@ -35,6 +35,7 @@ from alphareason.train.losses import sft_loss
 
 VALUE_TARGETS = ("outcome", "search_q", "td_lambda")
 POLICY_TARGETS = ("softmax", "likelihood")
+POLICY_MOVES = ("all", "solved")
 
 
 def candidate_logits(model, task, tokens, length, candidates, mask, *, length_normalize: bool):
@@ -59,7 +60,7 @@ def candidate_logits(model, task, tokens, length, candidates, mask, *, length_no
 def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 1.0, value_weight: float = 1.0,
                   sft_weight: float = 0.0, value_target: str = "outcome",
                   length_normalize: bool = False, policy_target: str = "softmax",
-                  sampled_set_correction: bool = True):
+                  sampled_set_correction: bool = True, policy_moves: str = "all"):
     """Total loss and metrics for one learner batch.
 
     ``batch`` holds the replay fields (``tokens, length, candidates,
@@ -75,9 +76,14 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
     ``pi_theta ~ pi * exp(sigma(Q))`` on the sample (the improved policy),
     while ``softmax(log pi_theta)`` would learn ``pi * exp(sigma(Q)) / q``:
     probability moved towards the candidates that were unlikely to be drawn.
+
+    ``policy_moves="solved"``: the policy term averages over the moves of solved episodes only
+    (``outcome`` 1); the value term still uses every move.
     """
     if policy_target not in POLICY_TARGETS:
         raise ValueError(f"selfplay.policy_target={policy_target!r}; choose one of {POLICY_TARGETS}")
+    if policy_moves not in POLICY_MOVES:
+        raise ValueError(f"selfplay.policy_moves={policy_moves!r}; choose one of {POLICY_MOVES}")
     if value_target not in VALUE_TARGETS:
         raise ValueError(f"selfplay.value_target={value_target!r}; choose one of {VALUE_TARGETS}")
     metrics = {}
@@ -92,6 +98,8 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
                                                 distinct, length_normalize=length_normalize)
         weights = batch["action_weights"] * batch["cand_valid"]
         has_target = jnp.sum(weights, -1) > 0
+        if policy_moves == "solved":
+            has_target = has_target & (batch["outcome"] > 0.5)
         target = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-9)
         log_pi = jax.nn.log_softmax(logits, axis=-1)
         if policy_target == "softmax":

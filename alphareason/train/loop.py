@@ -67,7 +67,7 @@ from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.mcts import Searcher
 from alphareason.tasks import Task
 from alphareason.train import grpo
-from alphareason.train.learner import POLICY_TARGETS, VALUE_TARGETS, selfplay_loss
+from alphareason.train.learner import POLICY_MOVES, POLICY_TARGETS, VALUE_TARGETS, selfplay_loss
 from alphareason.train.metrics import MetricsWriter, read_metrics
 from alphareason.train.progress import Progress
 from alphareason.train.replay import ReplayBuffer
@@ -107,6 +107,8 @@ def validate_config(config: ConfigDict, task: Task, mesh=None) -> None:
         raise ConfigError(f"selfplay.value_lambda={sp.value_lambda} must be in [0, 1] (1: the outcome)")
     if sp.policy_target not in POLICY_TARGETS:
         raise ConfigError(f"selfplay.policy_target={sp.policy_target!r}; choose one of {', '.join(POLICY_TARGETS)}")
+    if sp.policy_moves not in POLICY_MOVES:
+        raise ConfigError(f"selfplay.policy_moves={sp.policy_moves!r}; choose one of {', '.join(POLICY_MOVES)}")
     model_config = make_model_config(config, task)  # raises if the context is too short for the task
     check_mesh(config, make_mesh(config) if mesh is None else mesh, model_config=model_config,
                batches={"train.batch_size": config.train.batch_size,
@@ -156,7 +158,7 @@ def learner_objective(config: ConfigDict, task: Task) -> Callable:
                              sft_weight=weights[2], value_target=sp.value_target, task=task,
                              length_normalize=config.search.length_normalize,
                              policy_target=sp.policy_target,
-                             sampled_set_correction=sp.sampled_set_correction)
+                             sampled_set_correction=sp.sampled_set_correction, policy_moves=sp.policy_moves)
 
     return objective
 
