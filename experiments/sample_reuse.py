@@ -61,17 +61,19 @@ def prompt_keys(tokens: np.ndarray, length: np.ndarray) -> list[str]:
     return keys
 
 
-def iteration_bounds(source: str) -> list[tuple[int, int]]:
-    """[(first, end)] replay rows of each self-play iteration, from the run's ``replay_size`` records."""
+def iteration_bounds(source: str, record: str = "replay_size") -> list[tuple[int, int]]:
+    """[(first, end)] replay rows of each self-play iteration, from the run's ``replay_size`` records
+    (``replay_trajectories``: the rows of the solved-trajectory ring)."""
     from alphareason.train.metrics import read_metrics
-    sizes = [int(r["replay_size"]) for r in sorted(read_metrics(source, "selfplay"), key=lambda r: r["step"])]
+    sizes = [int(r[record]) for r in sorted(read_metrics(source, "selfplay"), key=lambda r: r["step"])]
     if not sizes:
         raise ValueError(f"{source} has no self-play iterations in its metrics.jsonl")
     return list(zip([0] + sizes[:-1], sizes))
 
 
-def load_replay(config, source: str, task, seq_len: int) -> dict[str, np.ndarray]:
-    """The replayed moves of ``source``'s newest self-play checkpoint, oldest first (refused if it wrapped)."""
+def load_replay(config, source: str, task, seq_len: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The replayed moves and solved trajectories of ``source``'s newest self-play checkpoint, oldest first
+    (refused if the moves wrapped; the trajectories are returned only if they did not)."""
     from alphareason.checkpoint import Checkpointer
     from alphareason.run import checkpoint_dir, env_config
     from alphareason.search.env import ReasoningEnv
@@ -85,7 +87,9 @@ def load_replay(config, source: str, task, seq_len: int) -> dict[str, np.ndarray
     if replay.counters[0] > replay.capacity:
         raise ValueError(f"{source}'s replay overwrote its oldest moves ({int(replay.counters[0])} added, capacity "
                          f"{replay.capacity}); the first iteration's moves are gone")
-    return {k: v[: replay.size] for k, v in replay.moves.items()}
+    wrapped = replay.counters[2] > replay.traj_capacity
+    trajectories = {} if wrapped else {k: v[: replay.num_trajectories] for k, v in replay.trajectories.items()}
+    return {k: v[: replay.size] for k, v in replay.moves.items()}, trajectories
 
 
 def split_moves(moves: dict[str, np.ndarray], bounds: list[tuple[int, int]], *, held_fraction: float,
@@ -117,7 +121,7 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
     from alphareason.config import apply_overrides, run_config
     from alphareason.eval import EvalSettings, Evaluator
     from alphareason.run import env_config, load_model, make_optimizer, search_config, split_problems, traces
-    from alphareason.train.loop import learner_objective, make_learner_step
+    from alphareason.train.loop import learner_objective, make_learner_step, sft_batch_from_trajectories
     from alphareason.train.study import failure_kind
     config = apply_overrides(run_config(source), [f"selfplay.{o}" for o in overrides])
     sp = config.selfplay
@@ -125,10 +129,18 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
         raise ValueError(f"{source} is a {sp.algorithm} run; this experiment replays an alphazero run's moves")
     model, task, _ = load_model(config, source, phase="sft")
     seq_len = model.config.max_len
-    moves = load_replay(config, source, task, seq_len)
+    moves, trajectories = load_replay(config, source, task, seq_len)
     bounds = iteration_bounds(source)
     split = split_moves(moves, bounds, held_fraction=held_fraction, seed=seed)
     train_rows, held_rows = split[arm], split["held"]
+    traj_rows = None
+    if sp.sft_weight > 0:  # the SFT term: the arm's solved trajectories, the held-out problems' left out
+        if not trajectories:
+            raise ValueError(f"{source}'s replay overwrote its oldest solved trajectories; no SFT term possible")
+        held = set(prompt_keys(moves["tokens"][held_rows], moves["length"][held_rows]))
+        keys = prompt_keys(trajectories["tokens"], trajectories["length"])
+        end = iteration_bounds(source, "replay_trajectories")[0][1] if arm == "iteration1" else len(keys)
+        traj_rows = np.array([i for i, k in enumerate(keys[:end]) if k not in held])
     B = sp.learner_batch_size
     rng = np.random.default_rng([seed, 1])
     probe_rows = rng.choice(train_rows, size=min(len(train_rows), len(held_rows)), replace=False)
@@ -179,10 +191,15 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
         if step == steps:
             break
         idx = rng.choice(train_rows, size=B)
-        state, _ = step_fn(state, {k: moves[k][idx] for k in MOVE_KEYS})
+        batch = {k: moves[k][idx] for k in MOVE_KEYS}
+        if traj_rows is not None:
+            t = rng.choice(traj_rows, size=B)
+            batch["sft"] = sft_batch_from_trajectories(task, {k: v[t] for k, v in trajectories.items()})
+        state, _ = step_fn(state, batch)
     return {"arm": arm, "overrides": list(overrides), "source": os.path.abspath(source), "steps": steps, "batch_size": B,
             "learning_rate": sp.learning_rate, "train_moves": len(train_rows), "held_moves": len(held_rows),
             "draws_per_train_move": steps * B / len(train_rows),
+            "train_solved_trajectories": 0 if traj_rows is None else len(traj_rows),
             "held_problems": split["held_problems"], "first_iteration_problems": split["first_problems"],
             "held_problem_moves_in_later_iterations": split["held_seen_later"],
             "iteration_moves": [b - a for a, b in bounds], "validation_problems": val_problems,
