@@ -395,6 +395,12 @@ def _with_interval(x: dict[str, float], form: str) -> str:
     return f"{format(x['mean'], form)} [{format(x['low'], form)}, {format(x['high'], form)}]"
 
 
+def _iteration_table(caption: str, its: int, *, before: Sequence[str], after: Sequence[str]) -> list[str]:
+    """A caption and the head of a table with one column per iteration, between ``before`` and ``after``."""
+    columns = ["algorithm", *before, *(f"iteration {i}" for i in range(its)), *after]
+    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(study: dict[str, Any]) -> str:
     """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds
     (an interval only where there are two seeds or more)."""
@@ -425,11 +431,10 @@ def markdown(study: dict[str, Any]) -> str:
     searched = {name: a for name, a in study["algorithms"].items()
                 if any(x.get("validation_mcts", {}).get("n") for x in a["iterations"])}
     if searched:
-        lines += ["", "The search (MCTS, the run's `selfplay.eval_simulations`) on the validation problems, mean "
-                  "over seeds [95% t interval]; last against start: McNemar's exact test on the per-problem "
-                  "results pooled over the seeds that kept them (runs from before they were kept have none).", "",
-                  "| algorithm | " + " | ".join(f"iteration {i}" for i in range(its)) + " | last against start |",
-                  "|" + "---|" * (its + 2)]
+        lines += _iteration_table("The search (MCTS, the run's `selfplay.eval_simulations`) on the validation "
+                                  "problems, mean over seeds [95% t interval]; last against start: McNemar's exact "
+                                  "test on the per-problem results pooled over the seeds that kept them (runs from "
+                                  "before they were kept have none).", its, before=(), after=("last against start",))
         for name, a in searched.items():
             cells = [_with_interval(x["validation_mcts"], ".1%") if x["validation_mcts"]["n"] else ""
                      for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
@@ -441,11 +446,10 @@ def markdown(study: dict[str, Any]) -> str:
     rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
             if any(key in x.get("value", {}) for x in a["iterations"])]
     if rows:
-        lines += ["", "The value head on held-out (validation) states, mean over seeds [95% t interval]: AUC "
-                  "against exact solvability V* at step ends, and at the prompt against whether greedy decoding "
-                  "solves the problem (0.5: no information).", "",
-                  "| algorithm | diagnostic | " + " | ".join(f"iteration {i}" for i in range(its)) + " |",
-                  "|" + "---|" * (its + 2)]
+        lines += _iteration_table("The value head on held-out (validation) states, mean over seeds [95% t "
+                                  "interval]: AUC against exact solvability V* at step ends, and at the prompt "
+                                  "against whether greedy decoding solves the problem (0.5: no information).", its,
+                                  before=("diagnostic",), after=())
         for name, key, a in rows:
             cells = []
             for x in a["iterations"]:
