@@ -160,6 +160,8 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     assert files == ["metrics.jsonl", "run.json", "test_greedy_0.jsonl", "test_greedy_1.jsonl",
                      "validation_greedy_0.jsonl", "validation_greedy_1.jsonl",
                      "validation_mcts_0.jsonl", "validation_mcts_1.jsonl"]
+    code = json.load(open(os.path.join(results, "alphazero", "seed0", "run.json")))["code"]
+    assert len(code["commit"]) == 40 and isinstance(code["dirty"], bool)  # the test runs in a git checkout
     # the validation results, per problem, agree with the eval record's rates; the search at the last
     # iteration is paired with the start's on the same problems
     evals = {r["step"]: r for r in map(json.loads, open(os.path.join(results, "alphazero", "seed0", "metrics.jsonl")))

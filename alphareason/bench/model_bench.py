@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alphareason.host_memory import huge_pages_active, transparent_huge_pages_mode
+from alphareason.provenance import code_version, machine_info
 
 TARGETS = {"train_fraction_of_peak": 0.40, "bf16_train_speedup": 1.5, "decode_cache_speedup": 10.0}
 
@@ -70,16 +69,6 @@ def _best_and_median(fn: Callable[[], object], repeats: int) -> tuple[float, flo
 def _minor_faults() -> int:
     """Minor page faults of this process so far (XLA's per-call buffers cost them; see host_memory)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def machine_info() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "load_average_at_start": load,
-            "huge_pages": {"glibc_tunable": huge_pages_active(), "kernel_mode": transparent_huge_pages_mode()}}
 
 
 # ------------------------------------------------------------------ matmul peak
@@ -354,7 +343,7 @@ def run_model_bench(out_path: str, *, quick: bool = False, config_path: str = "c
     prompt_len = prompt_len or (8 if quick else 32)
     new_tokens = new_tokens or (4 if quick else 32)
     t_start = time.time()
-    result = {"machine": machine_info(), "quick": quick, "config": config_path, "overrides": list(overrides),
+    result = {"code": code_version(), "machine": machine_info(), "quick": quick, "config": config_path, "overrides": list(overrides),
               "note": ("one run on this machine; other load lowers the absolute figures (best-of timings), "
                        "the ratios are measured within the run"),
               "targets": dict(TARGETS)}

@@ -23,7 +23,8 @@ Each (algorithm, seed) run
   learner reach it). The actual totals are recorded and plotted, so any
   mismatch shows;
 * copies its small result files (``metrics.jsonl``, per-problem test
-  results of every iteration, ``run.json``) to ``RESULTS/<algorithm>/seed<s>/``
+  results of every iteration, ``run.json`` with the commit that ran it) to
+  ``RESULTS/<algorithm>/seed<s>/``
   when it finishes, so a study can run in pieces and be committed run by run.
 
 ``report(RESULTS)`` aggregates whichever runs are present: per iteration and
@@ -48,6 +49,7 @@ import numpy as np
 
 from alphareason.config import ConfigDict, ConfigError, load_config
 from alphareason.eval.stats import mcnemar, mean_interval
+from alphareason.provenance import code_version
 
 REFERENCE = "alphazero"
 # The value head's diagnostics on held-out (validation) states that each iteration's eval row carries
@@ -239,6 +241,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
         for path in glob.glob(os.path.join(workdir, "results", pattern)):
             shutil.copy(path, out)
     info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
+            "code": code_version(),
             "matched_compute": matched, "variant_overrides": list((variants or {}).get(algorithm, [])),
             "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
             **({"grpo_token_budget": config.grpo.token_budget,
