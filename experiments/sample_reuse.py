@@ -109,7 +109,8 @@ def split_moves(moves: dict[str, np.ndarray], bounds: list[tuple[int, int]], *, 
 
 
 def _batches(moves, rows: np.ndarray, batch_size: int):
-    for i in range(0, len(rows) - batch_size + 1, batch_size):
+    """``rows`` in batches of ``batch_size``, the last one shorter where they do not divide."""
+    for i in range(0, len(rows), batch_size):
         yield {k: moves[k][rows[i: i + batch_size]] for k in MOVE_KEYS}
 
 
@@ -119,9 +120,8 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
     from flax import nnx
 
     from alphareason.config import apply_overrides, run_config
-    from alphareason.eval import EvalSettings, Evaluator
-    from alphareason.run import env_config, load_model, make_optimizer, search_config, split_problems, traces
-    from alphareason.train.loop import learner_objective, make_learner_step, sft_batch_from_trajectories
+    from alphareason.run import load_model, make_optimizer, split_problems
+    from alphareason.train.loop import learner_objective, make_evaluator, make_learner_step, sft_batch_from_trajectories
     from alphareason.train.study import failure_kind
     config = apply_overrides(run_config(source), [f"selfplay.{o}" for o in overrides])
     sp = config.selfplay
@@ -152,19 +152,16 @@ def run_arm(source: str, arm: str, *, steps: int, every: int, held_fraction: flo
     objective = learner_objective(config, task)
     measure = jax.jit(lambda state, batch: objective(nnx.merge(graphdef, state)[0], batch)[1])
 
-    def losses(rows):
-        out = [jax.device_get(measure(state, b)) for b in _batches(moves, rows, B)]
-        return {k: float(np.mean([o[k] for o in out])) for k in CURVE_KEYS if k in out[0]}
+    def losses(rows):  # the mean over rows (each batch's metrics are its rows' means)
+        batches = list(_batches(moves, rows, B))
+        out = [jax.device_get(measure(state, b)) for b in batches]
+        sizes = [len(b["tokens"]) for b in batches]
+        return {k: float(np.average([o[k] for o in out], weights=sizes)) for k in CURVE_KEYS if k in out[0]}
 
     validation = split_problems(config, source, "validation")
     key = jax.random.key(config.seed + 99)  # the loop's evaluation key
-    evaluators = {"greedy": (Evaluator(model, task, EvalSettings(strategy="greedy", batch_size=min(val_problems, 200),
-                                                                 env=env_config(config), traces=traces(config),
-                                                                 search=search_config(config))), val_problems)}
-    if mcts_problems:
-        evaluators["mcts"] = (Evaluator(model, task, EvalSettings(
-            strategy="mcts", batch_size=min(mcts_problems, 200), env=env_config(config),
-            search=search_config(config, num_simulations=sp.eval_simulations))), mcts_problems)
+    evaluators = {name: (make_evaluator(model, task, config, name, min(n, 200)), n)
+                  for name, n in (("greedy", val_problems), ("mcts", mcts_problems)) if n}
 
     def evaluate():
         out = {}

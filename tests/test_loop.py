@@ -90,6 +90,24 @@ def test_uninterrupted_run_writes_iterations_and_checkpoints(reference):
     assert os.path.isdir(os.path.join(workdir, "tensorboard"))
 
 
+def test_sample_reuse_replays_the_run_and_evaluates_like_the_loop(reference):
+    """experiments/sample_reuse.py on the run's replay: at step 0 (the SFT start) its validation results equal,
+    problem by problem, the loop's iteration-0 evaluation (the same evaluators, problems and key)."""
+    from alphareason.train.study import failure_kind
+    from experiments.sample_reuse import run_arm
+
+    config, workdir, _ = reference
+    n = config.eval.num_problems
+    out = run_arm(workdir, "all_iterations", steps=2, every=1, held_fraction=0.25, val_problems=n, mcts_problems=n,
+                  seed=0, log=lambda *_: None)
+    for name in ("greedy", "mcts"):
+        loop_rows = [json.loads(x) for x in open(os.path.join(workdir, "results", f"validation_{name}_0.jsonl"))]
+        assert out["evals"]["0"][name]["solved"] == [bool(r["solved"]) for r in loop_rows]
+        assert out["evals"]["0"][name]["outcomes"] == [failure_kind(r.get("reason", "")) for r in loop_rows]
+    assert [c["step"] for c in out["curve"]] == [0, 1, 2] and sorted(out["evals"]) == ["0", "1", "2"]
+    assert out["held_moves"] > 0 and out["train_moves"] > 0
+
+
 @pytest.mark.parametrize("phase,nth", [("selfplay", 2), ("learn", 2), ("checkpoint", 1)])
 def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch, phase, nth):
     """Kill in iteration 2 (mid self-play, mid learning, or just before the checkpoint), rerun: same result."""

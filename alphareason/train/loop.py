@@ -176,6 +176,18 @@ def make_learner_step(graphdef, config: ConfigDict, task: Task, state_sharding=N
     return parallel.jit_state_step(step, state_sharding)
 
 
+def make_evaluator(model: nnx.Module, task: Task, config: ConfigDict, strategy: str, batch_size: int, *,
+                   mesh=None) -> Evaluator:
+    """The loop's held-out evaluation of ``strategy``: ``greedy`` (policy only; Stream of Search traces where the
+    config writes them) or ``mcts`` (an episode of search, ``selfplay.eval_simulations`` per move)."""
+    if strategy not in ("greedy", "mcts"):
+        raise ValueError(f"the loop evaluates 'greedy' or 'mcts', not {strategy!r}")
+    search = search_config(config, num_simulations=config.selfplay.eval_simulations)
+    return Evaluator(model, task, EvalSettings(strategy=strategy, batch_size=batch_size, env=env_config(config),
+                                               search=search, traces=strategy == "greedy" and traces(config)),
+                     mesh=mesh)
+
+
 # ---------------------------------------------------------------- the loop
 @dataclasses.dataclass
 class IterationState:
@@ -241,12 +253,8 @@ class SelfPlayLoop:
         self.test_problems = split_problems(config, workdir, "test")[: config.eval.test_problems]
         self.exclude = validation + split_problems(config, workdir, "test")  # never self-play on held-out problems
         batch = min(config.eval.batch_size, len(self.eval_problems))
-        search = search_config(config, num_simulations=sp.eval_simulations)
-        self.evaluators = {
-            "greedy": Evaluator(model, task, EvalSettings(strategy="greedy", batch_size=batch, env=env_config(config),
-                                                          search=search, traces=traces(config)), mesh=self.mesh),
-            "mcts": Evaluator(model, task, EvalSettings(strategy="mcts", batch_size=batch, env=env_config(config),
-                                                        search=search), mesh=self.mesh)}
+        self.evaluators = {name: make_evaluator(model, task, config, name, batch, mesh=self.mesh)
+                           for name in ("greedy", "mcts")}
         self.learner_step = self.grpo.learner_step if self.grpo else make_learner_step(
             self.graphdef, config, task, state_sharding=parallel.state_shardings(self.it.state, self.mesh))
         self.demo_task = make_task(config, demonstrations=True)
