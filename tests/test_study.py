@@ -1,5 +1,6 @@
 """Value diagnostics, the statistics of comparisons, value labels, and a self-play study end to end."""
 
+import itertools
 import json
 import math
 import os
@@ -271,6 +272,27 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
                                                                **(value if name == "corrected" else {})}]}))
         (folder / "test_greedy_0.jsonl").write_text("".join(
             json.dumps({"problem": {"id": i}, "solved": bool(x), "reason": ""}) + "\n" for i, x in enumerate(outcomes)))
+    # the chains' ends (the verifier's reasons) at iteration 1, the same in both seeds
+    reasons = {"corrected": ["solved in 3 steps", 'step 2 "7/2=?": not of the form a op b=c', "step 3 leaves 5, "
+                             "not the target 9", 'step 1 "5+9=14": 5 is not available'],
+               "uncorrected": ['step 2 "7/2=?": not of the form a op b=c'] * 2 + ['step 1 "5x9": not of the form'] * 2}
+    for (name, ends), seed in itertools.product(reasons.items(), (0, 1)):
+        (tmp_path / name / f"seed{seed}" / "test_greedy_1.jsonl").write_text("".join(
+            json.dumps({"problem": {"id": i}, "solved": r.startswith("solved"), "reason": r}) + "\n"
+            for i, r in enumerate(ends)))
+    assert [study.failure_kind(r) for r in reasons["corrected"]] == [
+        "solved", "a division that is not whole", "dead end (valid steps, wrong result)", "a number not available"]
+    out = study.report(str(tmp_path), reference="corrected")
+    assert out["algorithms"]["corrected"]["iterations"][-1]["outcomes"] == {
+        "solved": 0.25, "a division that is not whole": 0.25, "dead end (valid steps, wrong result)": 0.25,
+        "a number not available": 0.25}
+    table = study.markdown(out)
+    assert ("| algorithm | last iteration | solved | a number not available | a division that is not whole | "
+            "malformed step | dead end (valid steps, wrong result) | other |") in table
+    assert "| uncorrected | 1 | 0.0% → 0.0% | 0.0% → 0.0% | 0.0% → 50.0% | 0.0% → 50.0% | 0.0% → 0.0% | " \
+           "100.0% → 0.0% |" in table
+    for name, seed in itertools.product(reasons, (0, 1)):  # the rest of the test reads iteration 0 alone
+        (tmp_path / name / f"seed{seed}" / "test_greedy_1.jsonl").unlink()
     out = study.report(str(tmp_path), reference="corrected")
     corrected = out["algorithms"]["corrected"]
     assert corrected["seeds"] == [0, 1]

@@ -255,7 +255,9 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
 
 
 # ------------------------------------------------------------------ report
-FAILURES = {"solved": "solved", "not available": "a number not available", "not of the form": "malformed step",
+FAILURES = {"solved": "solved", "not available": "a number not available",
+            '=?"': "a division that is not whole",  # the calculator writes "?" where the result is not whole
+            "not of the form": "malformed step",
             "leaves": "dead end (valid steps, wrong result)", "incomplete": "stopped early",
             "nothing to undo": "bad undo", "after the solution": "text after the solution"}
 
@@ -404,6 +406,24 @@ def _iteration_table(caption: str, its: int, *, before: Sequence[str], after: Se
     return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def _outcome_table(study: dict[str, Any]) -> list[str]:
+    """How the greedy chains on the test split end (``failure_kind``), at iteration 0 and the last iteration:
+    the share of problems, pooled over seeds, one column per kind that occurs."""
+    ends = {name: (a["iterations"][0]["outcomes"], a["iterations"][-1]["outcomes"], a["iterations"][-1]["iteration"])
+            for name, a in study["algorithms"].items() if a["iterations"] and a["iterations"][0].get("outcomes")}
+    if not ends:
+        return []
+    order = list(dict.fromkeys(FAILURES.values())) + ["other"]
+    kinds = [k for k in order if any(k in start or k in last for start, last, _ in ends.values())]
+    lines = ["", "How the greedy chains on the test split end, at iteration 0 → the last iteration (the share of "
+             "problems, pooled over seeds).", "",
+             "| algorithm | last iteration | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
+    for name, (start, last, it) in ends.items():
+        cells = [f"{start.get(k, 0.0):.1%} → {last.get(k, 0.0):.1%}" for k in kinds]
+        lines.append(f"| {name} | {it} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(study: dict[str, Any]) -> str:
     """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds
     (an interval only where there are two seeds or more)."""
@@ -446,6 +466,7 @@ def markdown(study: dict[str, Any]) -> str:
                       f"solved only at the start / the last iteration; {len(s['iterations'])} "
                       f"seed{'s' if len(s['iterations']) > 1 else ''})") if s else ""
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
+    lines += _outcome_table(study)
     rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
             if any(key in x.get("value", {}) for x in a["iterations"])]
     if rows:
