@@ -186,6 +186,23 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
         assert all(key in r for r in evals), key  # value diagnostics in every iteration's record
     rows = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "test_greedy_1.jsonl"))]
     assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
+    # the policy over legal steps (experiments/legal_step_policy.py): the start and every algorithm's last
+    # checkpoint, next to the study's results; every step it writes is legal, so a chain ends solved or at a dead end
+    from experiments.legal_step_policy import main as legal_step_policy
+    legal_step_policy(["--runs", runs, "--results", results, "--seeds", "0", "--test-problems", "8"])
+    legal = {(a, it): [json.loads(x) for x in open(os.path.join(results, a, "seed0", f"test_legal_greedy_{it}.jsonl"))]
+             for a in ("alphazero", "sft_only") for it in (0, 1)}
+    assert legal["alphazero", 0] == legal["sft_only", 0]  # one start
+    for rows in legal.values():
+        assert [r["problem"] for r in rows] == [r["problem"] for r in legal["alphazero", 0]]
+        assert all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)
+        assert {study.failure_kind(r["reason"]) for r in rows} <= {"solved", "dead end (valid steps, wrong result)"}
+    out = study.report(results, title="micro")
+    g = out["algorithms"]["alphazero"]["legal_greedy"]
+    assert [x["iteration"] for x in g["iterations"]] == [0, 1] and g["seeds"] == [0]
+    assert g["iterations"][1]["rates"] == [np.mean([r["solved"] for r in legal["alphazero", 1]])]
+    assert out["paired_legal_greedy"]["sft_only"]["n"] == 8
+    assert "The policy over legal steps" in study.markdown(out)
 
 
 def test_a_seed_can_start_from_an_earlier_sft_run_with_the_same_training(tmp_path):

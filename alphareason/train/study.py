@@ -284,12 +284,19 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
             rows = _read_rows(p)
             test[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in rows}
             kinds[it] = [failure_kind(r.get("reason", "")) for r in rows]
-        for p in glob.glob(os.path.join(folder, "validation_mcts_*.jsonl")):
-            it = int(os.path.basename(p)[len("validation_mcts_"):-len(".jsonl")])
-            search[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in _read_rows(p)}
         runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test, "kinds": kinds,
-                                                "validation_mcts": search}
+                                                "validation_mcts": _per_problem(folder, "validation_mcts"),
+                                                "test_legal_greedy": _per_problem(folder, "test_legal_greedy")}
     return runs
+
+
+def _per_problem(folder: str, name: str) -> dict[int, dict[str, bool]]:
+    """``{iteration: {problem: solved}}`` from ``folder/<name>_<iteration>.jsonl``."""
+    out = {}
+    for p in glob.glob(os.path.join(folder, f"{name}_*.jsonl")):
+        it = int(os.path.basename(p)[len(name) + 1:-len(".jsonl")])
+        out[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in _read_rows(p)}
+    return out
 
 
 def _read_rows(path: str) -> list[dict[str, Any]]:
@@ -297,13 +304,14 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in f if x.strip()]
 
 
-def search_against_start(seeds: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+def search_against_start(seeds: dict[int, dict[str, Any]], key: str = "validation_mcts") -> dict[str, Any] | None:
     """Does training change what the search solves? The validation MCTS results of the last iteration
     against iteration 0 (the start), McNemar's exact test on per-problem results pooled over the seeds
-    that kept them (``validation_mcts_<it>.jsonl``); None where no seed has both."""
+    that kept them (``validation_mcts_<it>.jsonl``); None where no seed has both. ``key``: another
+    per-problem result (``test_legal_greedy``)."""
     start, last, iterations = [], [], []
     for run in seeds.values():
-        search = run.get("validation_mcts", {})
+        search = run.get(key, {})
         if 0 not in search or max(search) == 0:
             continue
         it = max(search)
@@ -315,6 +323,43 @@ def search_against_start(seeds: dict[int, dict[str, Any]]) -> dict[str, Any] | N
         return None
     return {"iterations": iterations, "start": float(np.mean(start)), "last": float(np.mean(last)),
             **mcnemar(np.array(start), np.array(last))}
+
+
+def _legal_greedy(seeds: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Legal-step greedy on the test split (``experiments/legal_step_policy.py``) over the seeds that have it:
+    the rate per iteration they share, mean over seeds, and the last iteration against the start."""
+    have = {seed: run for seed, run in seeds.items() if run["test_legal_greedy"]}
+    if not have:
+        return None
+    iterations = sorted(set.intersection(*[set(run["test_legal_greedy"]) for run in have.values()]))
+    per_it = []
+    for it in iterations:
+        rates = [float(np.mean(list(run["test_legal_greedy"][it].values()))) for run in have.values()]
+        per_it.append({"iteration": it, "rate": mean_interval(rates), "rates": rates})
+    return {"seeds": sorted(have), "iterations": per_it,
+            "against_start": search_against_start(have, key="test_legal_greedy")}
+
+
+def _paired_last(ref: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """``runs`` against ``ref`` on the per-problem results ``key`` at the last iteration both seeds have:
+    McNemar's exact test pooled over seeds, and the per-seed differences with their t interval."""
+    a, b, differences = [], [], []
+    for seed, run in runs.items():
+        if seed not in ref or not run.get(key) or not ref[seed].get(key):
+            continue
+        it = min(max(run[key]), max(ref[seed][key]))
+        if it not in run[key] or it not in ref[seed][key]:
+            continue
+        common = sorted(set(run[key][it]) & set(ref[seed][key][it]))
+        if not common:
+            continue
+        a += [ref[seed][key][it][k] for k in common]
+        b += [run[key][it][k] for k in common]
+        differences.append(float(np.mean(b[-len(common):]) - np.mean(a[-len(common):])))
+    if not a:
+        return None
+    return {**mcnemar(np.array(a), np.array(b)), "per_seed_difference": differences,
+            "difference": mean_interval(differences)}
 
 
 def _number(x: Any) -> float | None:
@@ -362,28 +407,17 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
                            "validation_mcts": mean_interval([v for v in search if v is not None]),
                            "value": value})
         out["algorithms"][algorithm] = {"seeds": sorted(seeds), "iterations": per_it,
-                                        "search_against_start": search_against_start(seeds)}
+                                        "search_against_start": search_against_start(seeds),
+                                        "legal_greedy": _legal_greedy(seeds)}
     if reference in runs:
         ref = runs[reference]
         for algorithm, seeds in runs.items():
             if algorithm == reference:
                 continue
-            a, b, differences = [], [], []
-            for seed, run in seeds.items():
-                if seed not in ref:
-                    continue
-                it = min(max(run["test"]), max(ref[seed]["test"]))
-                common = sorted(set(run["test"][it]) & set(ref[seed]["test"][it]))
-                if not common:
-                    continue
-                a += [ref[seed]["test"][it][k] for k in common]
-                b += [run["test"][it][k] for k in common]
-                differences.append(float(np.mean([run["test"][it][k] for k in common])
-                                         - np.mean([ref[seed]["test"][it][k] for k in common])))
-            if a:
-                out["paired"][algorithm] = {"against": reference, **mcnemar(np.array(a), np.array(b)),
-                                            "per_seed_difference": differences,
-                                            "difference": mean_interval(differences)}
+            for key, field in (("test", "paired"), ("test_legal_greedy", "paired_legal_greedy")):
+                paired = _paired_last(ref, seeds, key)
+                if paired:
+                    out.setdefault(field, {})[algorithm] = {"against": reference, **paired}
     name = "study" if reference == REFERENCE else f"study_vs_{reference}"
     with open(os.path.join(results, f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -421,6 +455,34 @@ def _outcome_table(study: dict[str, Any]) -> list[str]:
     for name, (start, last, it) in ends.items():
         cells = [f"{start.get(k, 0.0):.1%} → {last.get(k, 0.0):.1%}" for k in kinds]
         lines.append(f"| {name} | {it} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _legal_table(study: dict[str, Any]) -> list[str]:
+    """Legal-step greedy on the test split, where ``experiments/legal_step_policy.py`` measured it."""
+    rows = {name: a["legal_greedy"] for name, a in study["algorithms"].items() if a.get("legal_greedy")}
+    if not rows:
+        return []
+    ref = study.get("reference", REFERENCE)
+    lines = ["", "The policy over legal steps (at every step the legal step the policy finds most likely; no search, "
+             "no value: `experiments/legal_step_policy.py`) on the test split, mean over the seeds measured [95% t "
+             "interval]; the last iteration against the start, and against the reference, McNemar's exact test "
+             "pooled over seeds.", "",
+             f"| algorithm | seeds | start | last | last against start | vs {ref} |", "|---|---|---|---|---|---|"]
+    for name, legal in rows.items():
+        first, last = legal["iterations"][0], legal["iterations"][-1]
+        s = legal["against_start"]
+        start = (f"{s['start']:.1%} → {s['last']:.1%}, p = {s['p_value']:.3g} ({s['a_only']} / {s['b_only']} solved "
+                 f"only at the start / the last iteration)") if s else ""
+        paired = study.get("paired_legal_greedy", {}).get(name)
+        versus = ""
+        if paired:
+            d = paired["difference"]
+            versus = (f"{_with_interval(d, '+.1%')} over {d['n']} seed{'s' if d['n'] > 1 else ''}; pooled p = "
+                      f"{paired['p_value']:.3g}")
+        lines.append(f"| {name} | {len(legal['seeds'])} | {_with_interval(first['rate'], '.1%')} (iteration "
+                     f"{first['iteration']}) | {_with_interval(last['rate'], '.1%')} (iteration {last['iteration']}) "
+                     f"| {start} | {versus} |")
     return lines
 
 
@@ -467,6 +529,7 @@ def markdown(study: dict[str, Any]) -> str:
                       f"seed{'s' if len(s['iterations']) > 1 else ''})") if s else ""
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
     lines += _outcome_table(study)
+    lines += _legal_table(study)
     rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
             if any(key in x.get("value", {}) for x in a["iterations"])]
     if rows:
