@@ -278,7 +278,7 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
         algorithm, seed = os.path.basename(os.path.dirname(folder)), int(os.path.basename(folder)[4:])
         with open(path) as f:
             info = json.load(f)
-        test, kinds, search = {}, {}, {}
+        test, kinds = {}, {}
         for p in glob.glob(os.path.join(folder, "test_greedy_*.jsonl")):
             it = int(os.path.basename(p)[len("test_greedy_"):-len(".jsonl")])
             rows = _read_rows(p)
@@ -305,10 +305,10 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
 
 
 def search_against_start(seeds: dict[int, dict[str, Any]], key: str = "validation_mcts") -> dict[str, Any] | None:
-    """Does training change what the search solves? The validation MCTS results of the last iteration
-    against iteration 0 (the start), McNemar's exact test on per-problem results pooled over the seeds
-    that kept them (``validation_mcts_<it>.jsonl``); None where no seed has both. ``key``: another
-    per-problem result (``test_legal_greedy``)."""
+    """Does training change what ``key`` solves (the search on validation problems by default, or
+    ``test_legal_greedy``)? Its per-problem results of the last iteration against iteration 0 (the start),
+    McNemar's exact test pooled over the seeds that kept them (``<key>_<it>.jsonl``); None where no seed
+    has both."""
     start, last, iterations = [], [], []
     for run in seeds.values():
         search = run.get(key, {})
