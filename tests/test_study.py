@@ -391,3 +391,32 @@ def test_lambda_returns_mix_search_values_and_the_outcome():
     g1 = 0.5 * 0.9 + 0.5 * g2
     g0 = 0.5 * 0.2 + 0.5 * g1
     np.testing.assert_allclose(lambda_returns(v, z, 0.5), [g0, g1, g2], rtol=1e-6)
+
+
+def test_report_says_where_each_algorithms_compute_went(tmp_path):
+    """Self-play and learner token forwards, the learner's rows and the problems played, mean over seeds, at
+    the last iteration; problems played are summed over the self-play records of ``metrics.jsonl``."""
+    from alphareason.train import study
+    spent = {("search", 0): (300, 900, 60, [4, 4]), ("search", 1): (500, 700, 40, [4, 6]),
+             ("demos", 0): (0, 1000, 200, None)}
+    for (name, seed), (selfplay, learner, rows, played) in spent.items():
+        folder = tmp_path / name / f"seed{seed}"
+        folder.mkdir(parents=True)
+        last = {"selfplay_computed_token_forwards": selfplay, "learner_token_forwards": learner,
+                "learner_examples": rows, "total_token_forwards": selfplay + learner}
+        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0}, {"step": 2, **last}]}))
+        for it in (0, 2):
+            (folder / f"test_greedy_{it}.jsonl").write_text(json.dumps(
+                {"problem": {"id": 0}, "solved": True, "reason": "solved"}) + "\n")
+        if played:
+            (folder / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": it + 1, "phase": "selfplay", "selfplay_episodes": n}) + "\n"
+                for it, n in enumerate(played)) + json.dumps({"step": 2, "phase": "eval"}) + "\n")
+    out = study.report(str(tmp_path), reference="search")
+    assert out["algorithms"]["search"]["iterations"][-1]["spent"] == {
+        "selfplay_computed_token_forwards": 400.0, "learner_token_forwards": 800.0, "learner_examples": 50.0,
+        "problems_played": 9.0}  # (4 + 4 + 4 + 6) / 2
+    assert "problems_played" not in out["algorithms"]["demos"]["iterations"][-1]["spent"]
+    table = study.markdown(out)
+    assert "| search | 2 | 400 | 800 | 67% | 9 | 50 |" in table
+    assert "| demos | 2 | 0 | 1,000 | 100% |  | 200 |" in table

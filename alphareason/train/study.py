@@ -286,8 +286,25 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
             kinds[it] = [failure_kind(r.get("reason", "")) for r in rows]
         runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test, "kinds": kinds,
                                                 "validation_mcts": _per_problem(folder, "validation_mcts"),
-                                                "test_legal_greedy": _per_problem(folder, "test_legal_greedy")}
+                                                "test_legal_greedy": _per_problem(folder, "test_legal_greedy"),
+                                                "problems": _problems_played(folder)}
     return runs
+
+
+def _problems_played(folder: str) -> dict[int, int]:
+    """``{iteration: problems played in self-play up to it}`` from ``folder/metrics.jsonl`` (the self-play
+    records' ``selfplay_episodes``: one episode per problem, or one group of chains for GRPO); ``{}`` where the
+    run kept no metrics."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    per_iteration = {r["step"]: int(r.get("selfplay_episodes", 0)) for r in _read_rows(path)
+                     if r.get("phase") == "selfplay"}
+    total, out = 0, {0: 0}
+    for it in sorted(per_iteration):
+        total += per_iteration[it]
+        out[it] = total
+    return out
 
 
 def _per_problem(folder: str, name: str) -> dict[int, dict[str, bool]]:
@@ -362,6 +379,24 @@ def _paired_last(ref: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]]
             "difference": mean_interval(differences)}
 
 
+SPENT = ("selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
+
+
+def _spent(seeds: dict[int, dict[str, Any]], it: int) -> dict[str, float]:
+    """What the runs spent up to iteration ``it``, mean over seeds: the token forwards of self-play (as
+    computed, padding included) and of the learner, the learner's rows (replayed moves, chains or
+    demonstrations, counted once per minibatch epoch), and the problems played in self-play (over the seeds
+    whose metrics kept them)."""
+    out = {}
+    for key in SPENT:
+        x = [next((r.get(key, 0) for r in s["eval"] if r["step"] == it), 0) for s in seeds.values()]
+        out[key] = float(np.mean(x))
+    played = [s["problems"][it] for s in seeds.values() if it in s.get("problems", {})]
+    if played:
+        out["problems_played"] = float(np.mean(played))
+    return out
+
+
 def _number(x: Any) -> float | None:
     """A finite float, or None (a diagnostic that was not measured, or NaN written as "nan")."""
     try:
@@ -402,7 +437,7 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
                     value[key] = mean_interval([v for v in x if v is not None])
             per_it.append({"iteration": it, "test_greedy": mean_interval(rates), "rates": rates,
                            "outcomes": {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds))},
-                           "total_token_forwards": float(np.mean(compute)),
+                           "total_token_forwards": float(np.mean(compute)), "spent": _spent(seeds, it),
                            "validation_greedy": mean_interval([v for v in val if v is not None]),
                            "validation_mcts": mean_interval([v for v in search if v is not None]),
                            "value": value})
@@ -455,6 +490,27 @@ def _outcome_table(study: dict[str, Any]) -> list[str]:
     for name, (start, last, it) in ends.items():
         cells = [f"{start.get(k, 0.0):.1%} → {last.get(k, 0.0):.1%}" for k in kinds]
         lines.append(f"| {name} | {it} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _compute_table(study: dict[str, Any]) -> list[str]:
+    """Where each algorithm's compute went by its last iteration (``_spent``), mean over seeds."""
+    rows = {name: a["iterations"][-1] for name, a in study["algorithms"].items()
+            if a["iterations"] and a["iterations"][-1].get("spent")}
+    if not rows:
+        return []
+    lines = ["", "Where the compute went by the last iteration, mean over seeds: token forwards of self-play (as "
+             "computed, padding included) and of the learner, the problems played in self-play, and the rows the "
+             "learner trained on (replayed moves, chains or demonstrations; each counted once per pass).", "",
+             "| algorithm | last iteration | self-play | learner | learner's share | problems played | learner rows |",
+             "|---|---|---|---|---|---|---|"]
+    for name, x in rows.items():
+        spent, total = x["spent"], x["total_token_forwards"]
+        share = f"{spent['learner_token_forwards'] / total:.0%}" if total else ""
+        played = f"{spent['problems_played']:,.0f}" if "problems_played" in spent else ""
+        lines.append(f"| {name} | {x['iteration']} | {spent['selfplay_computed_token_forwards']:,.0f} | "
+                     f"{spent['learner_token_forwards']:,.0f} | {share} | {played} | "
+                     f"{spent['learner_examples']:,.0f} |")
     return lines
 
 
@@ -528,6 +584,7 @@ def markdown(study: dict[str, Any]) -> str:
                       f"solved only at the start / the last iteration; {len(s['iterations'])} "
                       f"seed{'s' if len(s['iterations']) > 1 else ''})") if s else ""
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
+    lines += _compute_table(study)
     lines += _outcome_table(study)
     lines += _legal_table(study)
     rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
