@@ -205,6 +205,31 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
     assert "The policy over legal steps" in study.markdown(out)
 
 
+def test_a_variant_whose_selfplay_differs_is_not_matched_by_learner_steps_alone(tmp_path):
+    """Matching sets only the learner steps, from the reference's self-play: a variant that spends differently
+    in self-play (more problems, more simulations) is refused before any work, with the way out."""
+    import configs_for_tests
+    from alphareason.train import study
+    config_path = configs_for_tests.write_micro(tmp_path)
+    reference = tmp_path / "results" / "alphazero" / "seed0"
+    reference.mkdir(parents=True)
+    (reference / "metrics.jsonl").write_text(json.dumps({"step": 0, "phase": "eval", "total_token_forwards": 0}) + "\n")
+    variants = {"wide": ["selfplay.algorithm=alphazero", "selfplay.episodes_per_iteration=64",
+                         "search.num_simulations=3"],
+                "weights": ["selfplay.algorithm=alphazero", "selfplay.policy_weight=0.5"]}
+    with pytest.raises(ConfigError, match=r"wide changes what self-play spends \(search.num_simulations, "
+                                          r"selfplay.episodes_per_iteration\).*--unmatched"):
+        study.run_one(config_path, [], "wide", 0, runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                      variants=variants, test_problems=8, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "runs").exists()  # refused before any work
+    config = {name: study.algorithm_config(config_path, [], name, 0, variants)
+              for name in ("alphazero", "wide", "weights", "expert_iteration")}
+    assert study.selfplay_differences(config["weights"], config["alphazero"]) == []  # a learner setting
+    assert study.selfplay_differences(config["expert_iteration"], config["alphazero"]) == []  # the same search
+    assert study.selfplay_differences(config["wide"], config["alphazero"]) == [
+        "search.num_simulations", "selfplay.episodes_per_iteration"]
+
+
 def test_a_seed_can_start_from_an_earlier_sft_run_with_the_same_training(tmp_path):
     """``--sft-from``: the seed's start is the earlier checkpoint, not retrained; the data difference is recorded."""
     import jax

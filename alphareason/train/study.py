@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from alphareason.config import ConfigDict, ConfigError, load_config
+from alphareason.config import ConfigDict, ConfigError, config_json, load_config
 from alphareason.eval.stats import mcnemar, mean_interval
 from alphareason.provenance import code_version
 
@@ -102,6 +102,24 @@ def learner_step_cost(config: ConfigDict, task) -> int:
 def _per_iteration(rows: list[dict], key: str) -> np.ndarray:
     values = np.array([r.get(key, 0) for r in sorted(rows, key=lambda r: r["step"])], np.float64)
     return np.diff(values)
+
+
+SELFPLAY_COST = ("search", "model", "selfplay.episodes_per_iteration", "selfplay.actor_batch_size",
+                 "selfplay.action_temperature", "selfplay.curriculum")
+
+
+def selfplay_differences(config: ConfigDict, reference: ConfigDict) -> list[str]:
+    """The settings in ``SELFPLAY_COST`` (what one iteration's self-play spends depends on them) where
+    ``config`` differs from ``reference``: ``["search.num_simulations", ...]``."""
+    a, b = config_json(config), config_json(reference)
+    out = []
+    for key in SELFPLAY_COST:
+        section, _, name = key.partition(".")
+        x, y = a.get(section, {}), b.get(section, {})
+        if name:
+            x, y = {name: x.get(name)}, {name: y.get(name)}
+        out += [f"{section}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+    return out
 
 
 def matched_learner_steps(reference_rows: list[dict], config: ConfigDict, task) -> int:
@@ -216,6 +234,14 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
             with config.unlocked():
                 config.grpo.token_budget, config.selfplay.episodes_per_iteration = budget, episodes
         else:
+            differs = selfplay_differences(config, algorithm_config(
+                config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE, seed, variants))
+            if differs and config.selfplay.algorithm != "sft_only":
+                raise ConfigError(
+                    f"{algorithm} changes what self-play spends ({', '.join(differs)}), but matching gives it "
+                    f"{REFERENCE}'s self-play compute and only sets its learner steps: its total would not match. "
+                    f"Run it with --unmatched and choose selfplay.learner_steps so that the totals agree (the "
+                    f"report's compute table shows what each run spent)")
             steps = matched_learner_steps(rows, config, task)
             log(f"{algorithm} seed {seed}: {steps} learner steps per iteration match {REFERENCE}'s compute")
             with config.unlocked():
