@@ -382,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the command itself, not a call from Python: may restart with huge pages
         from alphareason.host_memory import reexec_with_huge_pages
         reexec_with_huge_pages()
+    from alphareason.provenance import process_code_version
+    process_code_version()  # the code this command starts with, which its results record
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)

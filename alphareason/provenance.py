@@ -34,6 +34,22 @@ def code_version() -> dict:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+_AT_START: dict | None = None
+
+
+def process_code_version() -> dict:
+    """``code_version()`` as its first call in this process answered it.
+
+    A long run shares its checkout with whoever works in it, so a commit made while it runs would be
+    recorded as the code that ran if the version were read when the results are written. Commands call
+    this when they start (``alphareason`` and the study script do); every later call returns the same
+    answer."""
+    global _AT_START
+    if _AT_START is None:
+        _AT_START = code_version()
+    return dict(_AT_START)
+
+
 def machine_info() -> dict:
     """The platform, CPU count, JAX version and backend, the load average now, and the huge-page setting."""
     import jax

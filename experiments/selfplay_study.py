@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from alphareason.provenance import process_code_version
     from alphareason.train import study
+    process_code_version()  # the code the runs start with, which their run.json records
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]

@@ -36,3 +36,13 @@ def test_machine_info_names_the_backend():
 
     info = provenance.machine_info()
     assert info["backend"] == jax.default_backend() and info["cpu_count"] >= 1 and isinstance(info["jax"], str)
+
+
+def test_a_process_records_the_code_it_started_with(monkeypatch):
+    """A commit made in the shared checkout while a run goes on is not what the run records."""
+    answers = iter(["a" * 40, "", "b" * 40, ""])  # rev-parse HEAD, then status: a clean checkout at a, then at b
+    monkeypatch.setattr(provenance, "_git", lambda *args: next(answers))
+    monkeypatch.setattr(provenance, "_AT_START", None)
+    assert provenance.process_code_version() == {"commit": "a" * 40, "dirty": False}
+    assert provenance.code_version() == {"commit": "b" * 40, "dirty": False}  # the checkout has moved on
+    assert provenance.process_code_version() == {"commit": "a" * 40, "dirty": False}

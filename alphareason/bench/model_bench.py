@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alphareason.provenance import code_version, machine_info
+from alphareason.provenance import process_code_version, machine_info
 
 TARGETS = {"train_fraction_of_peak": 0.40, "bf16_train_speedup": 1.5, "decode_cache_speedup": 10.0}
 
@@ -343,7 +343,7 @@ def run_model_bench(out_path: str, *, quick: bool = False, config_path: str = "c
     prompt_len = prompt_len or (8 if quick else 32)
     new_tokens = new_tokens or (4 if quick else 32)
     t_start = time.time()
-    result = {"code": code_version(), "machine": machine_info(), "quick": quick, "config": config_path, "overrides": list(overrides),
+    result = {"code": process_code_version(), "machine": machine_info(), "quick": quick, "config": config_path, "overrides": list(overrides),
               "note": ("one run on this machine; other load lowers the absolute figures (best-of timings), "
                        "the ratios are measured within the run"),
               "targets": dict(TARGETS)}

@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from alphareason.provenance import code_version, machine_info
+from alphareason.provenance import process_code_version, machine_info
 
 DEFAULT_CONFIG = "configs/countdown_tiny.py"
 SETTINGS = (  # (name, processes, devices per process, mesh data, mesh fsdp)
@@ -245,7 +245,7 @@ def run_scale_bench(out_path: str, *, quick: bool = False, overrides: Sequence[s
     eight = next((r for r in rows if r["setting"] == "8 devices"), None)
     first = rows[0]["per_process"][0]
     result = {
-        "code": code_version(),
+        "code": process_code_version(),
         "machine": {**machine_info(), "backend": "cpu (virtual devices: --xla_force_host_platform_device_count)"},
         "config": config_path, "overrides": overrides, "quick": quick, "parameters": first["parameters"],
         "sft": {k: first["sft"][k] for k in ("batch_size", "seq_len", "steps")},

@@ -51,7 +51,7 @@ from flax import nnx
 
 from alphareason.config import load_config
 from alphareason.model import Transformer, count_params
-from alphareason.provenance import code_version, machine_info
+from alphareason.provenance import process_code_version, machine_info
 from alphareason.run import make_model_config, make_task
 from alphareason.search.env import EnvConfig
 from alphareason.search.mcts import SearchConfig, Searcher
@@ -160,7 +160,7 @@ def run_search_bench(out_path: str, *, config_path: str = "configs/game24.py", w
         batch_sizes, overhead_batch, num_simulations, repeats = (1, 4), 4, 8, 1
     K, S, N = num_candidates, task.max_step_len, num_simulations
     problems = task.generate(123, max(batch_sizes + (overhead_batch,)))
-    result = {"code": code_version(), "machine": machine_info(),
+    result = {"code": process_code_version(), "machine": machine_info(),
               "config": config_path if not workdir else None, "workdir": workdir, "task": task.name,
               "network": "trained" if workdir else "untrained", "parameters": count_params(model),
               "num_candidates": K, "max_step_len": S, "seq_len": T, "num_simulations": N, "policy": policy,

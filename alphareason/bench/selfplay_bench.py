@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from alphareason.provenance import code_version, machine_info
+from alphareason.provenance import process_code_version, machine_info
 
 DEFAULT_OVERRIDES = ("train.steps=200", "selfplay.iterations=2")
 
@@ -79,7 +79,7 @@ def run_selfplay_bench(out_path: str, *, config_path: str = "configs/countdown_t
     totals = evals[-1] if evals else {}
     rss = peak_rss_bytes()
     result = {
-        "code": code_version(), "machine": machine_info(),
+        "code": process_code_version(), "machine": machine_info(),
         "config": config_path, "overrides": list(DEFAULT_OVERRIDES) + list(overrides),
         "parameters": out["parameters"], "iterations": len(selfplay),
         "episodes_per_iteration": sp.episodes_per_iteration, "num_simulations": config.search.num_simulations,

@@ -49,7 +49,7 @@ import numpy as np
 
 from alphareason.config import ConfigDict, ConfigError, config_json, load_config
 from alphareason.eval.stats import mcnemar, mean_interval
-from alphareason.provenance import code_version
+from alphareason.provenance import process_code_version
 
 REFERENCE = "alphazero"
 # The value head's diagnostics on held-out (validation) states that each iteration's eval row carries
@@ -220,6 +220,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
     if config.data.test_size < test_problems:
         raise ConfigError(f"the study reports {test_problems} test problems but data.test_size is "
                           f"{config.data.test_size}; raise data.test_size (or lower --test-problems)")
+    code = process_code_version()  # the code this process started with, not the checkout's when it ends
     task = make_task(config)
     if algorithm != REFERENCE and matched:
         reference = os.path.join(results, run_name(REFERENCE, seed), "metrics.jsonl")
@@ -267,7 +268,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
         for path in glob.glob(os.path.join(workdir, "results", pattern)):
             shutil.copy(path, out)
     info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
-            "code": code_version(),
+            "code": code,
             "matched_compute": matched, "variant_overrides": list((variants or {}).get(algorithm, [])),
             "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
             **({"grpo_token_budget": config.grpo.token_budget,
