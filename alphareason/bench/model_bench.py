@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alphareason.provenance import process_code_version, machine_info
+from alphareason.provenance import machine_info, process_code_version
 
 TARGETS = {"train_fraction_of_peak": 0.40, "bf16_train_speedup": 1.5, "decode_cache_speedup": 10.0}
 

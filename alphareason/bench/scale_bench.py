@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from alphareason.provenance import process_code_version, machine_info
+from alphareason.provenance import machine_info, process_code_version
 
 DEFAULT_CONFIG = "configs/countdown_tiny.py"
 SETTINGS = (  # (name, processes, devices per process, mesh data, mesh fsdp)

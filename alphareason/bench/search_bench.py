@@ -51,7 +51,7 @@ from flax import nnx
 
 from alphareason.config import load_config
 from alphareason.model import Transformer, count_params
-from alphareason.provenance import process_code_version, machine_info
+from alphareason.provenance import machine_info, process_code_version
 from alphareason.run import make_model_config, make_task
 from alphareason.search.env import EnvConfig
 from alphareason.search.mcts import SearchConfig, Searcher

@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from alphareason.provenance import process_code_version, machine_info
+from alphareason.provenance import machine_info, process_code_version
 
 DEFAULT_OVERRIDES = ("train.steps=200", "selfplay.iterations=2")
 
