@@ -405,6 +405,35 @@ def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
         got = tok.decode(np.asarray(out["tokens"][b, 0, start: int(out["length"][b, 0])]))
         assert got == text
         assert bool(out["solved"][b, 0]) == TASK.verify(p, text).solved
+    # it computes the prefix and the first W = legal_written_len tokens of each legal step (7 of this task's 12)
+    K, W = TASK.num_numbers * (TASK.num_numbers - 1) * 4, TASK.legal_written_len()
+    assert (W, TASK.max_step_len) == (7, 12)
+    steps_taken = np.asarray(out["lane_computed"][:, 0]) // (TASK.context_len() + K * W)
+    assert (steps_taken >= 1).all()
+    np.testing.assert_array_equal(np.asarray(out["lane_computed"][:, 0]), steps_taken * (TASK.context_len() + K * W))
+
+
+def test_legal_steps_are_scored_from_their_model_written_tokens_alone():
+    """``score_legal_steps`` reads W of each step's S tokens and gives what scoring the whole steps gives."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from alphareason import tokenizer as tok
+    from alphareason.model import ModelConfig
+    from alphareason.model.testing import perturbed_model
+    from alphareason.search.env import EnvConfig, ReasoningEnv, score_candidates, score_legal_steps
+    model = perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=5)
+    env = ReasoningEnv(TASK, nnx.split(model)[0], EnvConfig(candidates="enumerate"), seq_len=TASK.context_len())
+    problems = TASK.generate(4, 3)
+    state = jax.tree.map(jnp.asarray, env.after(problems, ["", "", TASK.solve(problems[2]).split("\n")[0] + "\n"]))
+    steps, legal = jax.vmap(TASK.legal_steps)(state["task_state"])
+    steps = jnp.where(legal[..., None], steps, tok.PAD)
+    full = score_candidates(model, TASK, state["tokens"], state["length"], steps)
+    cut = score_legal_steps(model, TASK, state["tokens"], state["length"], steps)
+    np.testing.assert_allclose(np.asarray(cut[0]), np.asarray(full[0]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cut[1]), np.asarray(full[1]))  # the same tokens scored
+    np.testing.assert_allclose(np.asarray(cut[2]), np.asarray(full[2]), atol=1e-5)
+    assert int(np.asarray(full[1]).max()) > 0 and bool(np.asarray(legal).any())
 
 
 def test_lambda_returns_mix_search_values_and_the_outcome():

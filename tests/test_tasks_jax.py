@@ -78,6 +78,10 @@ def test_legal_steps_are_exactly_the_legal_moves(task, seed):
         assert len(lines) == len(set(lines))  # duplicates are masked
         assert set(lines) == (set() if done else ref_legal_lines(values))
         assert not tokens[~valid].any()  # invalid candidates are all PAD
+        # what a scorer reads of a legal step (Task.legal_written_len): every model-written token
+        w = task.legal_written_len()
+        written = (tokens != tok.PAD) & ~np.asarray(task.tool_written(jnp.asarray(tokens)))
+        assert not written[:, w:].any()
         _, stepped_valid, _, _ = compiled(task, "step_each")(state, tokens)
         np.testing.assert_array_equal(np.asarray(stepped_valid), valid)
         # Move on: a random legal step, or undo (the only way on from a dead end).
@@ -97,6 +101,22 @@ def test_legal_steps_are_exactly_the_legal_moves(task, seed):
             values.append(int(c))
         state, ok, _, _ = compiled(task, "step")(state, encode(task, line))
         assert bool(ok)
+
+
+def test_legal_written_len_is_the_longest_step_the_model_writes():
+    """The bound is reached: from 99, 99, 99, 99 two steps give 9801 and 9801, whose product is the longest
+    legal step the model writes (``9801*9801=``: 10 of the step's 19 tokens); without a tool it is the step."""
+    task = get_task("countdown", num_numbers=4, max_number=99, tool="calculator")
+    state = task.init_state({"numbers": [99, 99, 99, 99], "target": 50})
+    for line in ("99*99=9801", "99*99=9801"):
+        state, ok, _, _ = compiled(task, "step")(state, encode(task, line))
+        assert bool(ok)
+    tokens, valid = map(np.asarray, compiled(task, "legal")(state))
+    written = (tokens != tok.PAD) & ~np.asarray(task.tool_written(jnp.asarray(tokens)))
+    assert (task.legal_written_len(), task.max_step_len) == (10, 19)
+    assert written[valid].sum(-1).max() == 10
+    assert "9801*9801=96059601\n" in [tok.decode(t) for t in tokens[valid]]
+    assert SMALL.legal_written_len() == SMALL.max_step_len  # no tool: the model writes the whole step
 
 
 # ------------------------------------------------------------ calculator

@@ -132,10 +132,10 @@ class ValueProbe:
 
     @functools.partial(jax.jit, static_argnums=0)
     def _legal_mass(self, params, tokens, length, task_state):
-        from alphareason.search.env import score_candidates
+        from alphareason.search.env import score_legal_steps
         model = nnx.merge(self.graphdef, params)
         steps, legal = jax.vmap(self.task.legal_steps)(task_state)
-        logprob, _, _ = score_candidates(model, self.task, tokens, length, jnp.where(legal[..., None], steps, tok.PAD))
+        logprob, _, _ = score_legal_steps(model, self.task, tokens, length, jnp.where(legal[..., None], steps, tok.PAD))
         return jnp.sum(jnp.where(legal, jnp.exp(logprob), 0.0), -1)
 
     def legal_mass(self, params, problems: Sequence[Problem], texts: Sequence[str]) -> np.ndarray:

@@ -238,7 +238,7 @@ class LegalStepDecoder:
 
     At every step each chain takes the legal step (``Task.legal_steps``) the
     policy finds most likely: the argmax of the prior the search uses with
-    ``search.candidates="enumerate"`` (``search.env.score_candidates``: the
+    ``search.candidates="enumerate"`` (``search.env.score_legal_steps``: the
     log-likelihood of the step's model-written tokens, optionally divided by
     their number). This is "the policy alone" for a network trained only by
     search over legal steps (tabula rasa), which may never have learnt to
@@ -265,7 +265,7 @@ class LegalStepDecoder:
         return self._jitted(params, *rows)
 
     def _decode(self, params, tokens, length, task_state):
-        from alphareason.search.env import score_candidates
+        from alphareason.search.env import score_legal_steps
         task = self.task
         model = nnx.merge(self.graphdef, params)
         B = tokens.shape[0]
@@ -274,7 +274,7 @@ class LegalStepDecoder:
             live = ~c["done"]
             steps, legal = jax.vmap(task.legal_steps)(c["state"])  # [B, K, S], [B, K]
             steps = jnp.where(live[:, None, None] & legal[..., None], steps, tok.PAD)
-            logprob, num_scored, value_logits = score_candidates(model, task, c["tokens"], c["length"], steps)
+            logprob, num_scored, value_logits = score_legal_steps(model, task, c["tokens"], c["length"], steps)
             if self.length_normalize:
                 logprob = logprob / jnp.maximum(num_scored, 1)
             choice = jnp.argmax(jnp.where(legal, logprob, -jnp.inf), axis=-1)
@@ -282,8 +282,9 @@ class LegalStepDecoder:
             new_state, valid, step_done, reward = jax.vmap(task.step)(c["state"], step)
             move = live & jnp.any(legal, -1)
             step_length = jnp.sum(step != tok.PAD, -1).astype(jnp.int32)
-            cost = jnp.where(live, c["length"] + jnp.sum(steps != tok.PAD, (1, 2)), 0).astype(jnp.int32)
-            computed = jnp.int32(c["tokens"].shape[1] + steps.shape[1] * steps.shape[2])  # every row, padded
+            scored = steps[..., :task.legal_written_len()]  # what the scoring pass reads of each step
+            cost = jnp.where(live, c["length"] + jnp.sum(scored != tok.PAD, (1, 2)), 0).astype(jnp.int32)
+            computed = jnp.int32(c["tokens"].shape[1] + steps.shape[1] * task.legal_written_len())  # every row
             keep = lambda n, o: jnp.where(move.reshape(move.shape + (1,) * (n.ndim - 1)), n, o)  # noqa: E731
             return dict(
                 i=c["i"] + 1, state=jax.tree.map(keep, new_state, c["state"]),

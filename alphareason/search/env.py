@@ -720,5 +720,15 @@ def score_candidates(model, task: Task, tokens, length, candidates, *, step_valu
     return result + (ends.astype(jnp.float32),)
 
 
+def score_legal_steps(model, task: Task, tokens, length, steps):
+    """``score_candidates`` of legal steps (``Task.legal_steps``; int32[B, K, S], PAD where not legal).
+
+    Only their first ``W = task.legal_written_len()`` tokens are read: the rest is the tool's output or PAD,
+    which no score depends on (attention is causal), so the result is the same at ``T + K * W`` token forwards
+    a row instead of ``T + K * S``. Returns ``(logprob, num_scored, value_logits)`` as ``score_candidates``.
+    """
+    return score_candidates(model, task, tokens, length, steps[..., :task.legal_written_len()])
+
+
 def _example_problem(task: Task) -> Problem:
     return task.generate(0, 1)[0]

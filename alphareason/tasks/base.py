@@ -229,6 +229,12 @@ class Task(abc.ABC):
         """Optional jittable legal-step generator: (int32[K, S], bool[K])."""
         raise NotImplementedError(f"task {self.name!r} has no legal-step generator")
 
+    def legal_written_len(self) -> int:
+        """W <= S: the model-written tokens of every step ``legal_steps`` makes lie in its first W; the rest
+        is the tool's output or PAD. Scoring legal steps reads only those W (``search.env.score_legal_steps``).
+        S unless a task knows better."""
+        return self.max_step_len
+
     def negative_example(self, problem: Problem, rng: np.random.Generator) -> str | None:
         """Optional: a chain of thought that does not solve ``problem`` (for value targets)."""
         return None

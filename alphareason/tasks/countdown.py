@@ -284,6 +284,9 @@ class CountdownTask(Task):
         longest = max(digits(_bound(m, i)) + digits(_bound(m, j)) + digits(_bound(m, i + j)) + 2
                       for i in range(1, n) for j in range(1, n - i + 1))
         self.max_step_len = longest + 1
+        # "a op b=" of the longest legal operands: with the calculator the model writes no more of a step
+        self._written_len = max(digits(_bound(m, i)) + digits(_bound(m, j)) + 2
+                                for i in range(1, n) for j in range(1, n - i + 1))
         self.max_prompt_len = 1 + n * digits(m) + (n - 1) + 1 + digits(self.max_target) + 1
         self.tool_output_len = digits(self.value_bound) + 1 if tool else 0
         self.num_difficulties = len(DIFFICULTY_THRESHOLDS) + 1
@@ -633,6 +636,10 @@ class CountdownTask(Task):
     @property
     def tool_trigger(self) -> int | None:
         return tok.EQUALS if self.tool else None
+
+    def legal_written_len(self) -> int:
+        """With the calculator, ``a op b=`` of the longest operands a chain can hold; without it, S."""
+        return self._written_len if self.tool else self.max_step_len
 
     def tool_written(self, steps):
         """With the calculator: the tokens after a step's ``=`` (PAD excluded)."""
