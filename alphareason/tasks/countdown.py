@@ -281,12 +281,11 @@ class CountdownTask(Task):
         self.min_steps = n - 1 if self.use_all else 1  # with use_all every solution takes n - 1 steps
         self.value_bound = _bound(m, n)
         digits = lambda v: len(str(v))  # noqa: E731
-        longest = max(digits(_bound(m, i)) + digits(_bound(m, j)) + digits(_bound(m, i + j)) + 2
-                      for i in range(1, n) for j in range(1, n - i + 1))
-        self.max_step_len = longest + 1
-        # "a op b=" of the longest legal operands: with the calculator the model writes no more of a step
-        self._written_len = max(digits(_bound(m, i)) + digits(_bound(m, j)) + 2
-                                for i in range(1, n) for j in range(1, n - i + 1))
+        # per pair of operand sizes: "a op b=" (what the model writes with the calculator) and its result
+        steps = [(digits(_bound(m, i)) + digits(_bound(m, j)) + 2, digits(_bound(m, i + j)))
+                 for i in range(1, n) for j in range(1, n - i + 1)]
+        self.max_step_len = max(written + result for written, result in steps) + 1  # + SEP
+        self._written_len = max(written for written, _ in steps)
         self.max_prompt_len = 1 + n * digits(m) + (n - 1) + 1 + digits(self.max_target) + 1
         self.tool_output_len = digits(self.value_bound) + 1 if tool else 0
         self.num_difficulties = len(DIFFICULTY_THRESHOLDS) + 1

@@ -221,6 +221,8 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
         raise ConfigError(f"the study reports {test_problems} test problems but data.test_size is "
                           f"{config.data.test_size}; raise data.test_size (or lower --test-problems)")
     code = process_code_version()  # the code this process started with, not the checkout's when it ends
+    base = algorithm_config(config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE,
+                            seed, variants)  # the reference's config: its SFT start is the seed's
     task = make_task(config)
     if algorithm != REFERENCE and matched:
         reference = os.path.join(results, run_name(REFERENCE, seed), "metrics.jsonl")
@@ -235,8 +237,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
             with config.unlocked():
                 config.grpo.token_budget, config.selfplay.episodes_per_iteration = budget, episodes
         else:
-            differs = selfplay_differences(config, algorithm_config(
-                config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE, seed, variants))
+            differs = selfplay_differences(config, base)
             if differs and config.selfplay.algorithm != "sft_only":
                 raise ConfigError(
                     f"{algorithm} changes what self-play spends ({', '.join(differs)}), but matching gives it "
@@ -248,8 +249,6 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
             with config.unlocked():
                 config.selfplay.learner_steps = steps
     t0 = time.time()
-    base = algorithm_config(config_path, list(overrides) + [f"eval.test_problems={test_problems}"], REFERENCE,
-                            seed, variants)
     sft_dir = _sft_start(base, runs, seed, progress, log, sft_from)
     workdir = os.path.join(runs, f"seed{seed}", algorithm)
     if not os.path.exists(os.path.join(workdir, "checkpoints", "sft")):
@@ -406,7 +405,12 @@ def _paired_last(ref: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]]
             "difference": mean_interval(differences)}
 
 
-SPENT = ("selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
+SPENT = ("total_token_forwards", "selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
+
+
+def _at(run: dict[str, Any], it: int, key: str, default: Any = None) -> Any:
+    """``key`` of ``run``'s eval record of iteration ``it`` (``default`` where it has none)."""
+    return next((r.get(key, default) for r in run["eval"] if r["step"] == it), default)
 
 
 def _spent(seeds: dict[int, dict[str, Any]], it: int) -> dict[str, float]:
@@ -416,8 +420,7 @@ def _spent(seeds: dict[int, dict[str, Any]], it: int) -> dict[str, float]:
     whose metrics kept them)."""
     out = {}
     for key in SPENT:
-        x = [next((r.get(key, 0) for r in s["eval"] if r["step"] == it), 0) for s in seeds.values()]
-        out[key] = float(np.mean(x))
+        out[key] = float(np.mean([_at(s, it, key, 0) for s in seeds.values()]))
     played = [s["problems"][it] for s in seeds.values() if it in s.get("problems", {})]
     if played:
         out["problems_played"] = float(np.mean(played))
@@ -450,21 +453,18 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
         per_it = []
         for it in iterations:
             rates = [float(np.mean(list(s["test"][it].values()))) for s in seeds.values()]
-            compute = [next((r.get("total_token_forwards", 0) for r in s["eval"] if r["step"] == it), 0)
-                       for s in seeds.values()]
-            val = [next((r.get("greedy_solve_rate") for r in s["eval"] if r["step"] == it), None)
-                   for s in seeds.values()]
-            search = [next((r.get("mcts_solve_rate") for r in s["eval"] if r["step"] == it), None)
-                      for s in seeds.values()]
+            val = [_at(s, it, "greedy_solve_rate") for s in seeds.values()]
+            search = [_at(s, it, "mcts_solve_rate") for s in seeds.values()]
             kinds = [k for s in seeds.values() for k in s["kinds"][it]]
+            spent = _spent(seeds, it)
             value = {}
             for key in VALUE_DIAGNOSTICS:
-                x = [_number(next((r.get(key) for r in s["eval"] if r["step"] == it), None)) for s in seeds.values()]
+                x = [_number(_at(s, it, key)) for s in seeds.values()]
                 if any(v is not None for v in x):
                     value[key] = mean_interval([v for v in x if v is not None])
             per_it.append({"iteration": it, "test_greedy": mean_interval(rates), "rates": rates,
                            "outcomes": {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds))},
-                           "total_token_forwards": float(np.mean(compute)), "spent": _spent(seeds, it),
+                           "total_token_forwards": spent["total_token_forwards"], "spent": spent,
                            "validation_greedy": mean_interval([v for v in val if v is not None]),
                            "validation_mcts": mean_interval([v for v in search if v is not None]),
                            "value": value})
