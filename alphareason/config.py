@@ -119,6 +119,10 @@ def default_config() -> ConfigDict:
     c.selfplay.policy_weight = 1.0
     c.selfplay.value_weight = 1.0
     c.selfplay.sft_weight = 0.0
+    # Where alphazero's SFT term (sft_weight > 0) gets its chains: "solved" self-play episodes, or
+    # "demonstrations", the SFT data (an anchor to the demonstrator, as AlphaStar's supervised loss or
+    # InstructGPT's pretraining mix). Expert iteration always imitates its solved episodes.
+    c.selfplay.sft_source = "solved"
     c.selfplay.value_target = "outcome"  # "outcome" | "search_q" | "td_lambda"
     c.selfplay.value_lambda = 0.8  # td_lambda: weight of the longer returns (1: the outcome, 0: the next search value)
     # "softmax": CE between action_weights and the softmax of the K candidates' log-likelihoods;

@@ -84,6 +84,13 @@ def make_model_config(config: ConfigDict, task: Task) -> ModelConfig:
         raise ConfigError(f"model config: {e}") from e
 
 
+def learns_from_demonstrations(sp: ConfigDict) -> bool:
+    """Whether self-play's learner (``selfplay`` config ``sp``) reads the demonstrations: ``sft_only``, and
+    ``alphazero`` with its SFT term anchored to them (``sft_source="demonstrations"``)."""
+    return sp.algorithm == "sft_only" or (sp.algorithm == "alphazero" and sp.sft_weight > 0
+                                          and sp.sft_source == "demonstrations")
+
+
 def make_data_spec(config: ConfigDict, task: Task | None = None, *, demonstrations: bool = False) -> DataSpec:
     """The dataset of the run (its held-out splits are the run's), or with ``demonstrations`` the one SFT
     imitates (the same unless ``data.sft_task_options`` is set)."""
@@ -96,7 +103,7 @@ def make_data_spec(config: ConfigDict, task: Task | None = None, *, demonstratio
     if demonstrations:
         options.update(dict(d.sft_task_options))
     # The run's own dataset has no demonstrations when SFT imitates another task's, or when nothing imitates.
-    imitated = config.train.steps > 0 or config.selfplay.algorithm == "sft_only"
+    imitated = config.train.steps > 0 or learns_from_demonstrations(config.selfplay)
     own_demonstrations = demonstrations or (imitated and not d.sft_task_options)
     return make_spec(config.task.name, options, train_size=d.train_size if own_demonstrations else 0,
                      validation_size=d.validation_size, test_size=d.test_size, seed=d.seed,

@@ -146,7 +146,34 @@ def test_baseline_algorithms_run(tmp_path, algorithm):
         assert "selfplay_solve_rate" in learn
 
 
+def test_alphazero_anchored_to_the_demonstrations_learns_from_them(tmp_path, monkeypatch):
+    """``sft_source="demonstrations"``: every learner batch holds replayed moves and the demonstrations' next rows
+    (the same stream as ``sft_only``'s, so a resumed iteration reads the same rows)."""
+    from alphareason.data import BatchIterator
+    config = loop_config(iterations=1, sft_weight=1.0, sft_source="demonstrations")
+    seen, original = [], SelfPlayLoop.learn_step
+
+    def learn_step(self, batch):
+        seen.append((self, jax.tree.map(np.asarray, batch)))
+        return original(self, batch)
+
+    monkeypatch.setattr(SelfPlayLoop, "learn_step", learn_step)
+    run_training(config, str(tmp_path), progress=False, log=lambda *_: None)
+    assert len(seen) == config.selfplay.learner_steps
+    loop = seen[0][0]
+    want = BatchIterator(loop.demonstrations, loop.demo_task, batch_size=config.selfplay.learner_batch_size,
+                         seq_len=loop.seq_len, seed=config.seed + 1, position=0)
+    for _, batch in seen:
+        assert batch["candidates"].shape[0] == config.selfplay.learner_batch_size  # the moves are there too
+        for k, v in next(want).items():
+            np.testing.assert_array_equal(batch["sft"][k], v)
+    learn = read_metrics(str(tmp_path), "selfplay")[0]
+    assert learn["learn_sft_loss"] > 0 and "learn_policy_loss" in learn
+
+
 @pytest.mark.parametrize("key,value,message", [
+    ("selfplay.sft_source", "demos", "sft_source='demos'; choose one of solved, demonstrations"),
+    ("selfplay.sft_source", "demonstrations", "sft_source='demonstrations' is alphazero's SFT term"),
     ("selfplay.replay_capacity", 10, "replay_capacity=10 is smaller than one iteration"),
     ("selfplay.algorithm", "alphago", "choose one of alphazero"),
     ("selfplay.value_target", "td", "choose one of outcome"),

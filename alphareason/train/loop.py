@@ -30,7 +30,8 @@ them write the checkpoints together.
 
 Algorithms (``selfplay.algorithm``), all under the same compute accounting:
   * ``alphazero``: policy distillation of ``action_weights`` + value to outcome
-    (+ optional SFT term);
+    (+ optional SFT term on its solved episodes or, ``sft_source="demonstrations"``,
+    on the demonstrations);
   * ``expert_iteration``: SFT on the trajectories that search solved (ReST /
     STaR style), value to outcome;
   * ``sft_only``: no search; the learner continues SFT on demonstrations;
@@ -61,8 +62,9 @@ from alphareason.eval.heldout import EvalSettings, Evaluator, write_results
 from alphareason.eval.value import calibration, flat_metrics, value_report
 from alphareason.model import count_params
 from alphareason.parallel import shard_batch
-from alphareason.run import (check_mesh, checkpoint_dir, dataset, env_config, load_model, make_mesh, make_model_config,
-                             make_optimizer, make_task, place_state, search_config, split_problems, traces)
+from alphareason.run import (check_mesh, checkpoint_dir, dataset, env_config, learns_from_demonstrations, load_model,
+                             make_mesh, make_model_config, make_optimizer, make_task, place_state, search_config,
+                             split_problems, traces)
 from alphareason.search.episodes import EpisodeRunner, prompt_lengths
 from alphareason.search.mcts import Searcher
 from alphareason.tasks import Task
@@ -74,6 +76,7 @@ from alphareason.train.replay import ReplayBuffer
 from alphareason.train.sft import TrainingDiverged, train_sft
 
 ALGORITHMS = ("alphazero", "expert_iteration", "sft_only", "grpo")
+SFT_SOURCES = ("solved", "demonstrations")  # the chains of alphazero's SFT term (selfplay.sft_source)
 # Cumulative counters of a run (checkpointed): episodes' token forwards as charged by the search and as computed
 # (padding and finished rows included), the learner's (3 per token for forward + backward), examples learned from.
 TOTALS = ("selfplay_token_forwards", "selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
@@ -109,6 +112,12 @@ def validate_config(config: ConfigDict, task: Task, mesh=None) -> None:
         raise ConfigError(f"selfplay.policy_target={sp.policy_target!r}; choose one of {', '.join(POLICY_TARGETS)}")
     if sp.policy_moves not in POLICY_MOVES:
         raise ConfigError(f"selfplay.policy_moves={sp.policy_moves!r}; choose one of {', '.join(POLICY_MOVES)}")
+    if sp.sft_source not in SFT_SOURCES:
+        raise ConfigError(f"selfplay.sft_source={sp.sft_source!r}; choose one of {', '.join(SFT_SOURCES)}")
+    if sp.sft_source == "demonstrations" and not (sp.algorithm == "alphazero" and sp.sft_weight > 0):
+        raise ConfigError(f"selfplay.sft_source='demonstrations' is alphazero's SFT term, which this run does not "
+                          f"have (algorithm={sp.algorithm!r}, sft_weight={sp.sft_weight}): set "
+                          f"selfplay.algorithm=alphazero and selfplay.sft_weight > 0, or sft_source='solved'")
     model_config = make_model_config(config, task)  # raises if the context is too short for the task
     check_mesh(config, make_mesh(config) if mesh is None else mesh, model_config=model_config,
                batches={"train.batch_size": config.train.batch_size,
@@ -259,7 +268,7 @@ class SelfPlayLoop:
             self.graphdef, config, task, state_sharding=parallel.state_shardings(self.it.state, self.mesh))
         self.demo_task = make_task(config, demonstrations=True)
         self.demonstrations = (dataset(config, workdir, self.demo_task, demonstrations=True).as_data_source(split="train")
-                               if sp.algorithm == "sft_only" else None)
+                               if learns_from_demonstrations(sp) else None)
 
     # ------------------------------------------------------------ helpers
     @property
@@ -384,7 +393,8 @@ class SelfPlayLoop:
                 for k, v in rows.items()}
 
     def learn(self, it: int) -> dict[str, Any]:
-        """``learner_steps`` steps on batches from the replay buffer (or demonstrations: ``sft_only``)."""
+        """``learner_steps`` steps on batches from the replay buffer and/or the demonstrations (``sft_only``, and
+        ``alphazero``'s SFT term with ``sft_source="demonstrations"``)."""
         config, sp = self.config, self.config.selfplay
         if self.grpo is not None:
             return self._grpo_learn(it)
@@ -585,7 +595,9 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
         moves = replay.sample_moves(rng, sp.learner_batch_size)
         batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
                                             "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
-    if needs_sft:
+    if needs_sft and demo_iter is not None:  # alphazero anchored to the demonstrations
+        batch["sft"] = next(demo_iter)
+    elif needs_sft:
         traj = replay.sample_trajectories(rng, sp.learner_batch_size)
         if traj is None:
             if sp.algorithm == "expert_iteration":

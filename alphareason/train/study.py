@@ -61,6 +61,9 @@ ALGORITHM_OVERRIDES = {
     "alphazero": ["selfplay.algorithm=alphazero"],
     "alphazero_pure": ["selfplay.algorithm=alphazero", "selfplay.policy_weight=1.0", "selfplay.sft_weight=0.0",
                        "selfplay.value_weight=1.0"],
+    # AlphaZero whose learner also continues SFT on the demonstrations, weight 1 (chosen before any run).
+    "alphazero_anchored": ["selfplay.algorithm=alphazero", "selfplay.sft_weight=1.0",
+                           "selfplay.sft_source=demonstrations"],
     "expert_iteration": ["selfplay.algorithm=expert_iteration"],
     "sft_only": ["selfplay.algorithm=sft_only"],
     "grpo": ["selfplay.algorithm=grpo"],
