@@ -457,8 +457,8 @@ def test_report_says_where_each_algorithms_compute_went(tmp_path):
                 for it, n in enumerate(played)) + json.dumps({"step": 2, "phase": "eval"}) + "\n")
     out = study.report(str(tmp_path), reference="search")
     assert out["algorithms"]["search"]["iterations"][-1]["spent"] == {
-        "total_token_forwards": 1200.0, "selfplay_computed_token_forwards": 400.0, "learner_token_forwards": 800.0, "learner_examples": 50.0,
-        "problems_played": 9.0}  # (4 + 4 + 4 + 6) / 2
+        "total_token_forwards": 1200.0, "selfplay_computed_token_forwards": 400.0,
+        "learner_token_forwards": 800.0, "learner_examples": 50.0, "problems_played": 9.0}  # (4 + 4 + 4 + 6) / 2
     assert "problems_played" not in out["algorithms"]["demos"]["iterations"][-1]["spent"]
     table = study.markdown(out)
     assert "| search | 2 | 400 | 800 | 67% | 9 | 50 |" in table

@@ -585,17 +585,18 @@ def learner_batch_parts(sp) -> tuple[bool, bool]:
 
 
 def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
-    if sp.algorithm == "sft_only":
-        return {"sft": next(demo_iter)}
-    batch: dict[str, Any] = {}
-    if replay.size == 0:
-        return None
+    """One learner batch: replayed moves and/or SFT rows (``learner_batch_parts``); the SFT rows come from
+    ``demo_iter`` where the learner reads the demonstrations (``learns_from_demonstrations``), else from the
+    replay's solved trajectories. None while there is nothing to learn from."""
     use_moves, needs_sft = learner_batch_parts(sp)
+    if replay.size == 0 and (use_moves or demo_iter is None):
+        return None
+    batch: dict[str, Any] = {}
     if use_moves:
         moves = replay.sample_moves(rng, sp.learner_batch_size)
         batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
                                             "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
-    if needs_sft and demo_iter is not None:  # alphazero anchored to the demonstrations
+    if needs_sft and demo_iter is not None:
         batch["sft"] = next(demo_iter)
     elif needs_sft:
         traj = replay.sample_trajectories(rng, sp.learner_batch_size)
