@@ -52,10 +52,12 @@ from alphareason.eval.stats import mcnemar, mean_interval
 from alphareason.provenance import process_code_version
 
 REFERENCE = "alphazero"
-# The value head's diagnostics on held-out (validation) states that each iteration's eval row carries
-# (``eval.value.value_report``): AUC against exact solvability V* at step ends, and at the prompt
-# against whether greedy decoding solves the problem.
-VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_prompt_auc_greedy": "prompt AUC vs greedy"}
+# The diagnostics on held-out (validation) states that each iteration's eval row carries
+# (``eval.value.value_report``): the value head's AUC against exact solvability V* at step ends and at
+# the prompt against whether greedy decoding solves the problem, and the policy's probability of
+# writing a legal step next.
+VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_prompt_auc_greedy": "prompt AUC vs greedy",
+                     "policy_legal_mass": "policy's mass on legal steps"}
 # What each algorithm name means as config overrides (variants add their own on top).
 ALGORITHM_OVERRIDES = {
     "alphazero": ["selfplay.algorithm=alphazero"],
@@ -620,9 +622,11 @@ def markdown(study: dict[str, Any]) -> str:
     rows = [(name, key, a) for name, a in study["algorithms"].items() for key in VALUE_DIAGNOSTICS
             if any(key in x.get("value", {}) for x in a["iterations"])]
     if rows:
-        lines += _iteration_table("The value head on held-out (validation) states, mean over seeds [95% t "
-                                  "interval]: AUC against exact solvability V* at step ends, and at the prompt "
-                                  "against whether greedy decoding solves the problem (0.5: no information).", its,
+        lines += _iteration_table("The value head and the policy on held-out (validation) states, mean over seeds "
+                                  "[95% t interval]: the value's AUC against exact solvability V* at step ends, "
+                                  "and at the prompt against whether greedy decoding solves the problem (0.5: no "
+                                  "information); the policy's probability of writing a legal step next, averaged "
+                                  "over the states.", its,
                                   before=("diagnostic",), after=())
         for name, key, a in rows:
             cells = []
