@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true")
     g = sub.add_parser("report", help="aggregate the runs present: study.json, study.md, study.png")
     g.add_argument("--results", required=True)
-    g.add_argument("--title", default="")
+    g.add_argument("--title", default=None, help="the report's heading (default: the one it has already)")
     g.add_argument("--reference", default="alphazero", help="the algorithm the paired tests compare with")
     args = p.parse_args(rest)
     if args.command == "report":

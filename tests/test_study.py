@@ -362,6 +362,11 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     # another reference than alphazero writes its own files, not over study.*
     assert {"study_vs_corrected.json", "study_vs_corrected.md", "study_vs_corrected.png"} <= set(os.listdir(tmp_path))
     assert not (tmp_path / "study.md").exists()
+    # a title is kept by later reports that give none (a study run rewrites its report when it finishes)
+    assert study.report(str(tmp_path), title="Micro study", reference="corrected")["title"] == "Micro study"
+    assert study.report(str(tmp_path), reference="corrected")["title"] == "Micro study"
+    assert (tmp_path / "study_vs_corrected.md").read_text().startswith("## Micro study\n")
+    assert study.report(str(tmp_path))["title"] == ""  # study.json had none
 
 
 # ------------------------------------------------------------------ policy over legal steps

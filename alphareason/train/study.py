@@ -441,9 +441,11 @@ def _number(x: Any) -> float | None:
     return x if np.isfinite(x) else None
 
 
-def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict[str, Any]:
+def report(results: str, *, title: str | None = None, reference: str = REFERENCE) -> dict[str, Any]:
     """Aggregates the runs present under ``results``; writes study.json, study.md and study.png there
     (``study_vs_<reference>.*`` for another reference, so the default files are not overwritten).
+    Without a ``title`` the report keeps the one its earlier JSON has (a study run rewrites the report
+    when it finishes).
 
     Paired tests compare every algorithm with ``reference`` at the last iteration both have: McNemar's
     exact test on the per-problem results pooled over the seeds both ran, and the difference in solve
@@ -452,6 +454,9 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
     runs = _load_runs(results)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {results} (each writes <algorithm>/seed<s>/run.json)")
+    name = "study" if reference == REFERENCE else f"study_vs_{reference}"
+    if title is None:
+        title = _earlier_title(os.path.join(results, f"{name}.json"))
     out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}, "reference": reference}
     for algorithm, seeds in runs.items():
         iterations = sorted(set.intersection(*[set(s["test"]) for s in seeds.values()]))
@@ -485,13 +490,21 @@ def report(results: str, *, title: str = "", reference: str = REFERENCE) -> dict
                 paired = _paired_last(ref, seeds, key)
                 if paired:
                     out.setdefault(field, {})[algorithm] = {"against": reference, **paired}
-    name = "study" if reference == REFERENCE else f"study_vs_{reference}"
     with open(os.path.join(results, f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(markdown(out))
     plot(out, os.path.join(results, f"{name}.png"))
     return out
+
+
+def _earlier_title(path: str) -> str:
+    """The title of the report at ``path`` ("" where there is none or it does not parse)."""
+    try:
+        with open(path) as f:
+            return str(json.load(f).get("title", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _with_interval(x: dict[str, float], form: str) -> str:
