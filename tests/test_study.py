@@ -148,6 +148,7 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
         study.run_one(config_path, [], algorithm, 0, **kw)
     out = study.report(results, title="micro")
     assert set(out["algorithms"]) == {"alphazero", "sft_only"}
+    assert out["different_starts"] == [] and "Not one start" not in study.markdown(out)  # one SFT start
     for name, a in out["algorithms"].items():
         assert a["seeds"] == [0] and [i["iteration"] for i in a["iterations"]] == [0, 1]
     az, sft = out["algorithms"]["alphazero"]["iterations"][-1], out["algorithms"]["sft_only"]["iterations"][-1]
@@ -337,6 +338,10 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     for name, seed in itertools.product(reasons, (0, 1)):  # the rest of the test reads iteration 0 alone
         (tmp_path / name / f"seed{seed}" / "test_greedy_1.jsonl").unlink()
     out = study.report(str(tmp_path), reference="corrected")
+    # here the two algorithms' iteration 0 differs in both seeds: not one start, and the report says so
+    assert out["different_starts"] == [{"seed": 0, "groups": [["corrected"], ["uncorrected"]]},
+                                       {"seed": 1, "groups": [["corrected"], ["uncorrected"]]}]
+    assert "**Not one start in seed 1:** {corrected} and {uncorrected} start" in study.markdown(out)
     corrected = out["algorithms"]["corrected"]
     assert corrected["seeds"] == [0, 1]
     rates = corrected["iterations"][0]["rates"]

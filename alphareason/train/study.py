@@ -322,6 +322,24 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
+def different_starts(runs: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The seeds whose runs do not share one start: their iteration 0 (the seed's SFT start, evaluated
+    greedily on the same test problems by every algorithm) solves different problems. A paired test
+    between such runs compares two starts as well as two algorithms: an SFT retrained at another commit
+    can differ by float rounding that training amplifies. ``[{"seed": s, "groups": [[algorithm, ...], ...]}]``
+    (each group shares a start)."""
+    out = []
+    for seed in sorted({s for seeds in runs.values() for s in seeds}):
+        groups: dict[str, list[str]] = {}
+        for algorithm in sorted(runs):
+            start = runs[algorithm].get(seed, {}).get("test", {}).get(0)
+            if start is not None:
+                groups.setdefault(json.dumps(sorted(start.items())), []).append(algorithm)
+        if len(groups) > 1:
+            out.append({"seed": seed, "groups": sorted(groups.values())})
+    return out
+
+
 def _problems_played(folder: str) -> dict[int, int]:
     """``{iteration: problems played in self-play up to it}`` from ``folder/metrics.jsonl`` (the self-play
     records' ``selfplay_episodes``: one episode per problem, or one group of chains for GRPO); ``{}`` where the
@@ -457,7 +475,8 @@ def report(results: str, *, title: str | None = None, reference: str = REFERENCE
     name = "study" if reference == REFERENCE else f"study_vs_{reference}"
     if title is None:
         title = _earlier_title(os.path.join(results, f"{name}.json"))
-    out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}, "reference": reference}
+    out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}, "reference": reference,
+                           "different_starts": different_starts(runs)}
     for algorithm, seeds in runs.items():
         iterations = sorted(set.intersection(*[set(s["test"]) for s in seeds.values()]))
         per_it = []
@@ -596,6 +615,11 @@ def markdown(study: dict[str, Any]) -> str:
              "the reference: the difference in solve rate at the last iteration, mean over seeds [95% t "
              "interval], and McNemar's exact test on the per-problem results pooled over seeds (which treats "
              "seeds as more problems and ignores their spread).", ""]
+    for d in study.get("different_starts", []):
+        groups = " and ".join("{" + ", ".join(g) + "}" for g in d["groups"])
+        lines += [f"**Not one start in seed {d['seed']}:** {groups} start from different SFT checkpoints (their "
+                  "iteration-0 test results differ), so paired tests between them compare the starts too. "
+                  "Runs from a retrained start belong in a results folder of their own.", ""]
     its = max(len(a["iterations"]) for a in study["algorithms"].values())
     ref = study.get("reference", REFERENCE)
     head = ("| algorithm | seeds | " + " | ".join(f"iteration {i}" for i in range(its))
