@@ -173,6 +173,21 @@ class BranchKV(NamedTuple):
     slot: jax.Array  # int32[]: the continuation slot this step writes (the same for every row)
 
 
+class ContinuationMask(NamedTuple):
+    """The attention pattern of ``[prefix (T) | cont_0 (S) | ... | cont_{K-1} (S)]`` (``score_continuations``).
+
+    Passed as the ``mask`` of a full forward: prefix tokens attend causally
+    within the prefix; token s of continuation k attends to the prefix's
+    first ``lengths[b]`` tokens and to tokens ``0..s`` of its own
+    continuation. Attention is computed in those two blocks, ``K * S * (T +
+    S)`` scores a head instead of the dense mask's ``(T + K * S) ** 2``.
+    """
+
+    prefix_len: int  # T (static)
+    num_continuations: int  # K (static)
+    prefix_mask: jax.Array  # bool[B, T]: the prefix positions continuations see (``< lengths[b]``)
+
+
 @struct.dataclass
 class BranchCache:
     """Keys and values of K continuations of each row's prefix, one slot per continuation token (a pytree).
@@ -350,12 +365,41 @@ class Attention(nnx.Module):
             return self._chunk_step(q, k, v, mask, kv_cache)
         if isinstance(kv_cache, BranchKV):
             return self._branch_step(q, k, v, kv_cache)
+        if isinstance(mask, ContinuationMask):
+            return self._continuations(q, k, v, mask)
         scores = matmul("bqhe,bkhe->bhqk", q, k, self.dtype) / math.sqrt(q.shape[-1])  # [B, H, T, T_k]
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         heads = matmul("bhqk,bkhe->bqhe", probs, v, self.dtype)  # [B, T, H, Dh]
         return dense(heads, self.out[...], self.dtype, contract=2), k, v
 
+
+    def _continuations(self, q, k, v, mask: ContinuationMask):
+        """Full forward of ``[prefix | K continuations]`` with ``ContinuationMask``'s pattern, in blocks.
+
+        The same numbers as the dense mask (masked scores are ``-inf``-like in
+        both, so they add nothing to the softmax), without the ``K * S`` by
+        ``K * S`` block of scores that are all masked but the diagonal's.
+        """
+        neg = jnp.finfo(jnp.float32).min
+        T, K = mask.prefix_len, mask.num_continuations
+        B, _, H, Dh = q.shape
+        S = (q.shape[1] - T) // K
+        scale = math.sqrt(Dh)
+        qp, kp, vp = q[:, :T], k[:, :T], v[:, :T]  # [B, T, H, Dh]
+        scores = matmul("bqhe,bkhe->bhqk", qp, kp, self.dtype) / scale  # [B, H, T, T]
+        scores = jnp.where(jnp.tril(jnp.ones((T, T), bool))[None, None], scores, neg)
+        prefix_heads = matmul("bhqk,bkhe->bqhe", jax.nn.softmax(scores, axis=-1), vp, self.dtype)  # [B, T, H, Dh]
+        qc, kc, vc = (a[:, T:].reshape(B, K, S, H, Dh) for a in (q, k, v))
+        to_prefix = matmul("bcqhe,bkhe->bchqk", qc, kp, self.dtype) / scale  # [B, K, H, S, T]
+        to_prefix = jnp.where(mask.prefix_mask[:, None, None, None, :], to_prefix, neg)
+        to_own = matmul("bcqhe,bckhe->bchqk", qc, kc, self.dtype) / scale  # [B, K, H, S, S]
+        to_own = jnp.where(jnp.tril(jnp.ones((S, S), bool))[None, None, None], to_own, neg)
+        probs = jax.nn.softmax(jnp.concatenate([to_prefix, to_own], -1), axis=-1)  # [B, K, H, S, T + S]
+        cont_heads = (matmul("bchqk,bkhe->bcqhe", probs[..., :T], vp, self.dtype)
+                      + matmul("bchqk,bckhe->bcqhe", probs[..., T:], vc, self.dtype))  # [B, K, S, H, Dh]
+        heads = jnp.concatenate([prefix_heads, cont_heads.reshape(B, K * S, H, Dh)], 1)
+        return dense(heads, self.out[...], self.dtype, contract=2), k, v
 
     def _decode_step(self, q, k, v, mask, kv_cache):
         """Attention of one new token per row over the cache; arguments as in ``__call__``."""
@@ -680,15 +724,7 @@ class Transformer(nnx.Module):
         idx = jnp.arange(length)
         cont_pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(S)[None, None, :], (batch, K, S))
         positions = jnp.concatenate([jnp.broadcast_to(idx, (batch, length)), cont_pos.reshape(batch, K * S)], 1)
-        # Mask over [T + K*S] queries x [T + K*S] keys.
-        prefix_q = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, T, T]
-        prefix_q = jnp.concatenate([jnp.broadcast_to(prefix_q, (batch, length, length)),
-                                    jnp.zeros((batch, length, K * S), bool)], -1)
-        to_prefix = jnp.broadcast_to((idx[None, :] < lengths[:, None])[:, None, :], (batch, K * S, length))
-        kq, sq = jnp.repeat(jnp.arange(K), S), jnp.tile(jnp.arange(S), K)  # [K*S] each
-        own = (kq[:, None] == kq[None, :]) & (sq[None, :] <= sq[:, None])  # [K*S, K*S]
-        cont_q = jnp.concatenate([to_prefix, jnp.broadcast_to(own[None], (batch, K * S, K * S))], -1)
-        mask = jnp.concatenate([prefix_q, cont_q], 1)  # [B, T + K*S, T + K*S]
+        mask = ContinuationMask(length, K, idx[None, :] < lengths[:, None])
         seq = jnp.concatenate([tokens, continuations.reshape(batch, K * S)], 1)
         x, _, _ = self._run_blocks(seq, jnp.minimum(positions, self._max_position()), mask)
         last = x[jnp.arange(batch), lengths - 1]  # [B, D]
