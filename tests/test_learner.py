@@ -259,3 +259,29 @@ def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, mo
     want = -np.mean(0.6 * log_pi[:, 0] + 0.4 * log_pi[:, 2])
     np.testing.assert_allclose(float(metrics["policy_loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["invalid_mass"]), np.mean(np.exp(log_pi[:, 1])), rtol=1e-5)
+
+
+def test_legal_steps_cut_to_their_model_written_tokens_give_the_same_loss(task, model):
+    """The loop's learner keeps only ``legal_written_len`` tokens of enumerated legal steps: the rest is the
+    calculator's output, which no score reads (attention is causal, tool tokens are not scored)."""
+    problems = [{"numbers": [10, 9, 8], "target": 27}, {"numbers": [7, 10, 6], "target": 23},
+                {"numbers": [10, 10, 3], "target": 23}]  # two-digit results: the calculator writes 3 tokens
+    T = 48
+    tokens = np.full((B, T), tok.PAD, np.int32)
+    length = np.zeros((B,), np.int32)
+    for i, p in enumerate(problems):
+        ids = tok.encode(task.prompt(p), bos=True)
+        tokens[i, : len(ids)], length[i] = ids, len(ids)
+    steps = np.stack([np.asarray(task.legal_steps(task.init_state(p))[0]) for p in problems])  # [B, K, S]
+    valid = steps[..., 0] != tok.PAD
+    W = task.legal_written_len()
+    assert W < steps.shape[-1] and np.any(steps[..., W:] != tok.PAD)  # the cut drops tool tokens
+    rng = np.random.default_rng(0)
+    weights = np.where(valid, rng.random(valid.shape), 0.0).astype(np.float32)
+    batch = {"tokens": tokens, "length": length, "candidates": steps, "cand_valid": valid,
+             "action_weights": weights / weights.sum(-1, keepdims=True),
+             "search_value": np.full((B,), 0.5, np.float32), "outcome": np.array([1, 0, 1], np.float32)}
+    whole = selfplay_loss(model, jax.tree.map(jnp.asarray, batch), task=task)
+    cut = selfplay_loss(model, jax.tree.map(jnp.asarray, dict(batch, candidates=steps[..., :W])), task=task)
+    np.testing.assert_allclose(float(cut[0]), float(whole[0]), rtol=1e-5)
+    np.testing.assert_allclose(float(cut[1]["policy_loss"]), float(whole[1]["policy_loss"]), rtol=1e-5)

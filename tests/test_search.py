@@ -17,6 +17,7 @@ Golden trees are exported with ``export_tree`` and stored under
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -154,27 +155,33 @@ def visited_edges(t, b):
     return edges
 
 
-def node_cost(t, b, i, mode):
+def node_cost(t, b, i, mode, width=None):
     """What expanding node i must need, counted from the tree itself (not from the node's own record):
     nothing when terminal; else the tokens new to the model (the prompt at the root, the node's step on
     its parent's cache below it; enumerated steps re-read the whole prefix) plus the candidate tokens
-    decoded (none for token actions, whose candidates are the vocabulary)."""
+    decoded or read (none for token actions, whose candidates are the vocabulary; enumerated legal
+    steps: their first ``width`` tokens, the model-written ones)."""
     emb = t.embeddings
     if emb.done[b, i]:
         return 0
     parent = int(t.parents[b, i])
     new = int(emb.length[b, i]) - (int(emb.length[b, parent]) if i > 0 and mode != "enumerate" else 0)
-    return new + (0 if mode == "tokens" else int(np.sum(emb.candidates[b, i] != tok.PAD)))
+    return new + (0 if mode == "tokens" else int(np.sum(emb.candidates[b, i][:, :width] != tok.PAD)))
 
 
-def expected_forwards(t, b, mode):
+def read_width(setup, name):
+    """How many tokens of each candidate the search reads: enumerated legal steps' model-written ones."""
+    return setup["task"].legal_written_len() if SETTINGS[name][0].candidates == "enumerate" else None
+
+
+def expected_forwards(t, b, mode, width=None):
     """Sum over nodes of expansions x cost, from the tree's visit counts (not ``node_expansions``)."""
     total = 0
     for i in range(t.node_visits.shape[1]):
         n = int(t.node_visits[b, i])
         if n:
             expansions = n - int(t.children_visits[b, i].sum())
-            total += expansions * node_cost(t, b, i, mode)
+            total += expansions * node_cost(t, b, i, mode, width)
     return total
 
 
@@ -207,6 +214,29 @@ def test_golden_tree_gumbel_distinct_sampled_steps(setup, results):
 
 def test_golden_tree_puct_enumerated_steps(setup, results):
     golden("puct", summary_of(results("enumerate"), setup, "puct"))
+
+
+def test_enumerated_children_value_themselves_as_their_parents_step_end_values_would(setup, searchers, results):
+    """Enumerated steps: a child's value comes from its own pass over its prefix; with a depth limit (one
+    that never binds here) whole steps are scored and the child's value is its step's end value from the
+    parent's pass instead. The same numbers, so the same tree, at fewer token forwards without."""
+    env, search = SETTINGS["enumerate"]
+    limit = dataclasses.replace(search, max_depth=setup["task"].max_steps + 1)
+    searcher = Searcher(setup["task"], setup["graphdef"], env, limit, seq_len=setup["seq_len"], keep_tree=True)
+    assert searcher.env._enumerated_step_values and not searchers("enumerate").env._enumerated_step_values
+    inputs = jax.tree.map(jnp.asarray, searcher.env.initial(setup["problems"]))
+    whole = searcher(setup["params"], jax.random.split(jax.random.key(SEED), 3), inputs)
+    own = results("enumerate")
+    np.testing.assert_array_equal(whole.visit_counts, own.visit_counts)
+    a, b = numpy_tree(whole), numpy_tree(own)
+    visited = b.node_visits > 0
+    assert visited.sum() > 12  # a tree, not a root
+    np.testing.assert_array_equal(a.node_visits, b.node_visits)
+    live = visited & ~b.embeddings.done  # a terminal child's network value is not computed (0): nothing uses it
+    assert live.sum() > 3
+    np.testing.assert_allclose(a.embeddings.network_value[live], b.embeddings.network_value[live], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(a.node_values[visited], b.node_values[visited], rtol=TOL, atol=TOL)
+    assert np.all(whole.token_forwards >= own.token_forwards) and whole.token_forwards.sum() > own.token_forwards.sum()
 
 
 def test_golden_tree_token_level_with_depth_limit(setup, results):
@@ -454,9 +484,10 @@ def test_token_forwards_are_the_sum_of_node_expansions(setup, results, name):
     t = numpy_tree(results(name))
     res = results(name)
     for b in range(3):
-        assert int(res.token_forwards[b]) == expected_forwards(t, b, SETTINGS[name][0].candidates)
+        width = read_width(setup, name)
+        assert int(res.token_forwards[b]) == expected_forwards(t, b, SETTINGS[name][0].candidates, width)
         for i in np.nonzero(t.node_visits[b])[0]:
-            assert int(t.embeddings.token_forwards[b, i]) == node_cost(t, b, i, SETTINGS[name][0].candidates)
+            assert int(t.embeddings.token_forwards[b, i]) == node_cost(t, b, i, SETTINGS[name][0].candidates, width)
     if name == "tokens":  # the depth limit: nodes at depth 2 are evaluated again on every visit
         assert np.all(t.embeddings.depth[t.node_visits > 0] <= 2)
         cut = (t.node_visits > 0) & (t.embeddings.depth == 2) & ~t.embeddings.done
@@ -579,7 +610,7 @@ def test_episodes_record_moves_verdicts_and_exact_compute(setup, searchers, name
         t = numpy_tree(res)
         for b in range(3):
             if move.active[b]:
-                expected[b] += expected_forwards(t, b, SETTINGS[name][0].candidates)
+                expected[b] += expected_forwards(t, b, SETTINGS[name][0].candidates, read_width(setup, name))
                 if m + 1 < len(out.moves) and name != "tokens":  # the next state = this state + the chosen step
                     step = move.candidates[b, move.action[b]]
                     n, nxt = move.length[b], out.moves[m + 1]

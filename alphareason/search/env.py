@@ -32,8 +32,12 @@ Expanding a node costs the model only what is new (tree KV reuse):
   * a terminal node, a copy below one, and a node at the depth limit
     (``max_depth``) cost nothing: their values come from the verifier or the
     parent, and they propose nothing;
-  * enumerated steps: one parallel pass over the prefix and all K steps
-    (``score_candidates``), which also gives each step's end value; no cache.
+  * enumerated steps: one parallel pass over the prefix and the
+    model-written part of all K legal steps (``score_candidates``; no cache).
+    A child's value is the value head at its own prefix's last token, from
+    its own pass; only where a child that proposes nothing needs one (a
+    depth limit, ``terminal_reward="value"``) are whole steps scored, for
+    their end values.
 Every candidate is then checked with the task's JAX transition; invalid ones
 and duplicates get a large negative prior logit (mctx masks invalid actions
 only at the root, so they are masked here too). Prior logits = the
@@ -210,6 +214,11 @@ class ReasoningEnv:
         self.seq_len = seq_len
         self.step_len = task.max_step_len
         self.max_depth = max_depth
+        # Enumerated steps: every child that proposes scores its own prefix, whose last token is its step's end,
+        # so its value comes from that pass and the parent scores only the model-written part of each legal
+        # step (``Task.legal_written_len``). A child that proposes nothing (at the depth limit) or a terminal
+        # one whose network value is its reward needs its value from the parent: then whole steps are scored.
+        self._enumerated_step_values = config.terminal_reward == "value" or max_depth is not None
         needed = task.context_len() - 1  # the prompt and max_steps steps; no EOS after a search's chain
         if seq_len < needed:
             raise ValueError(f"the model's context (max_len={seq_len} tokens) cannot hold a chain of thought of "
@@ -395,14 +404,20 @@ class ReasoningEnv:
         """Enumerated candidates of rows ``r``: one pass over each prefix and its K legal steps."""
         steps, _ = jax.vmap(self.task.legal_steps)(r["task_state"])  # [G, K, S]
         cands = jnp.where(r["propose"][:, None, None], steps, tok.PAD)
-        logprob, num_sampled, value_logits, step_values = score_candidates(
-            model, self.task, r["tokens"], r["length"], cands, step_values=True)
         cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
+        if self._enumerated_step_values:
+            read = cands
+            logprob, num_sampled, value_logits, step_values = score_candidates(
+                model, self.task, r["tokens"], r["length"], read, step_values=True)
+        else:  # the children's values come from their own passes (``expand_child``)
+            read = cands[..., :self.task.legal_written_len()]
+            logprob, num_sampled, value_logits = score_candidates(model, self.task, r["tokens"], r["length"], read)
+            step_values = jnp.zeros_like(logprob)
         T = r["tokens"].shape[1]
         out = dict(candidates=cands, cand_length=cand_length, logprob=logprob, num_sampled=num_sampled,
                    cand_value_logits=step_values, value_logits=value_logits,
-                   needed=jnp.where(r["propose"], r["length"], 0) + cand_length.sum(-1))
-        lanes = jnp.full(r["length"].shape, T + cands.shape[1] * cands.shape[2], jnp.int32)
+                   needed=jnp.where(r["propose"], r["length"], 0) + jnp.sum(read != tok.PAD, (-2, -1)))
+        lanes = jnp.full(r["length"].shape, T + read.shape[1] * read.shape[2], jnp.int32)
         return out, lanes
 
     def expand_child(self, params, key, action, node: Node, pool: KVPool | None, slot):
@@ -461,7 +476,9 @@ class ReasoningEnv:
             out, computed = run_in_groups(lambda r: work(r, None)[:2], needs, rows, group_rows=self._group_nodes())
         else:
             out, computed, pool = run_in_groups(work, needs, rows, group_rows=self._group_nodes(), carry=pool)
-        if mode != "tokens":  # the value at the end of the step taken, computed when the parent sampled it
+        if mode == "enumerate" and not self._enumerated_step_values:  # its own pass: the value at its step's end
+            out["value_logits"] = jnp.where(propose, out["value_logits"], -jnp.inf)  # a terminal child: 0
+        elif mode != "tokens":  # the value at the end of the step taken, computed when the parent scored it
             out["value_logits"] = jnp.take_along_axis(node.cand_value_logits, action[:, None], 1)[:, 0]
         inputs = {k: nxt[k] for k in INPUT_KEYS}
         prior_logits, value, child = self._node(inputs, depth, nxt["solved"], propose, out, computed, slot)

@@ -406,8 +406,9 @@ class SelfPlayLoop:
             demo_iter = BatchIterator(self.demonstrations, self.demo_task, batch_size=sp.learner_batch_size,
                                       seq_len=self.seq_len, seed=config.seed + it, position=0)
         pending, forwards = [], 0
+        width = self.task.legal_written_len() if config.search.candidates == "enumerate" else None
         for _ in range(sp.learner_steps):
-            batch = _learner_batch(self.it.replay, rng, sp, self.task, demo_iter)
+            batch = _learner_batch(self.it.replay, rng, sp, self.task, demo_iter, candidate_width=width)
             if batch is None:
                 break
             pending.append(self.learn_step(batch))
@@ -584,10 +585,12 @@ def learner_batch_parts(sp) -> tuple[bool, bool]:
     return sp.policy_weight > 0 or sp.value_weight > 0, sp.sft_weight > 0
 
 
-def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
+def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter, *, candidate_width: int | None = None):
     """One learner batch: replayed moves and/or SFT rows (``learner_batch_parts``); the SFT rows come from
     ``demo_iter`` where the learner reads the demonstrations (``learns_from_demonstrations``), else from the
-    replay's solved trajectories. None while there is nothing to learn from."""
+    replay's solved trajectories. None while there is nothing to learn from. ``candidate_width``: keep only
+    that many tokens of each candidate (the task's legal steps: their model-written ones, the only tokens a
+    candidate's score reads, ``Task.legal_written_len``)."""
     use_moves, needs_sft = learner_batch_parts(sp)
     if replay.size == 0 and (use_moves or demo_iter is None):
         return None
@@ -596,6 +599,7 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter):
         moves = replay.sample_moves(rng, sp.learner_batch_size)
         batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
                                             "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
+        batch["candidates"] = batch["candidates"][..., :candidate_width]
     if needs_sft and demo_iter is not None:
         batch["sft"] = next(demo_iter)
     elif needs_sft:
