@@ -6,7 +6,7 @@
   alphareason search --workdir DIR --problem "4 9 10 13 -> 24" [--json tree.json]
   alphareason data build --task countdown --size N [--data-dir DIR]
   alphareason tree tree.json [more.json ...] [--html out.html] [--svg out.svg] [--min-visits N]
-  alphareason bench model|search|selfplay|value|scale --out FILE.json
+  alphareason bench model|search|selfplay|value|scale|scoring --out FILE.json
   alphareason scaling --config configs/scaling_reduced.py --out DIR [--train] [--workdir TASK=DIR]
 
 Multi-process runs (``train``, ``eval``): start the same command on every
@@ -256,6 +256,10 @@ def cmd_bench(args, overrides) -> int:
                                  search_simulations=args.search_simulations)
         print(format_report(result))
         return 0
+    elif args.what == "scoring":
+        from alphareason.bench.scoring_bench import run_scoring_bench
+        result = run_scoring_bench(args.out, quick=args.quick, config_path=args.config or "configs/countdown4.py",
+                                   overrides=overrides)
     elif args.what == "scale":
         from alphareason.bench.scale_bench import run_scale_bench
         result = run_scale_bench(args.out, quick=args.quick, overrides=overrides)
@@ -355,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(fn=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks that write JSON results")
-    b.add_argument("what", choices=["model", "search", "selfplay", "value", "scale"])
+    b.add_argument("what", choices=["model", "search", "selfplay", "value", "scale", "scoring"])
     b.add_argument("--problems", type=int, default=0, help="value: held-out problems to sample states from (200)")
     b.add_argument("--search-simulations", type=int, default=0,
                    help="value: also MCTS with this many simulations (the issue's 64) on 500 held-out problems, "
@@ -363,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     b.add_argument("--config", help="selfplay: the experiment config (default configs/countdown_tiny.py; "
-                                    "configs/countdown_tiny_grpo.py for GRPO)")
+                                    "configs/countdown_tiny_grpo.py for GRPO); scoring: the model and task "
+                                    "(default configs/countdown4.py)")
     b.add_argument("--workdir", help="search: time the search with this trained run's model (default: untrained); "
                                       "selfplay: keep the run in this new directory (default: a temporary one)")
     b.set_defaults(fn=cmd_bench)

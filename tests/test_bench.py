@@ -176,3 +176,23 @@ def test_scale_bench_writes_every_setting_with_the_same_episodes(tmp_path):
     # FSDP over two devices: each holds about half of the parameters and Adam state (norms stay whole).
     assert 0.5 <= fsdp["state_bytes_per_device"] / one["state_bytes_per_device"] < 0.52
     assert written["selfplay"]["candidates"] == "enumerate" and written["selfplay"]["episodes"] == 8
+
+
+@pytest.mark.slow  # half a minute of compilation (12 programs); score_continuations' own checks are in test_model
+def test_scoring_bench_blocked_attention_equals_the_dense_mask(tmp_path):
+    """`alphareason bench scoring --quick` on a micro model: every figure written, and the blocked attention
+    computes what the dense mask it replaced computes (the largest difference at float32 rounding)."""
+    from alphareason.bench.scoring_bench import run_scoring_bench
+    out = tmp_path / "scoring.json"
+    run_scoring_bench(str(out), quick=True, overrides=["model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+                                                       "model.d_ff=64", "search.num_candidates=4"])
+    written = json.loads(out.read_text())
+    assert sorted(written["shapes"]) == ["enumerated_search_whole_steps", "enumerated_search_written", "learner"]
+    for name, row in written["shapes"].items():
+        for key in ("blocked_forward_seconds", "dense_forward_seconds", "blocked_gradient_seconds",
+                    "dense_gradient_seconds", "forward_speedup", "gradient_speedup"):
+            _positive(row[key], f"{name}.{key}")
+        assert row["max_abs_difference"] < 1e-4, (name, row["max_abs_difference"])
+    assert written["shapes"]["enumerated_search_written"]["num_continuations"] == 48  # Countdown-4's legal steps
+    assert written["shapes"]["enumerated_search_written"]["continuation_len"] == 10  # `9801*9801=`
+    _positive(written["enumerated_search_speedup"]["forward"], "enumerated_search_speedup")
