@@ -4,12 +4,12 @@
 measures, in one run on this machine, the one pass that scores K candidate
 steps of each prefix (``search.env.score_candidates``: the enumerated search
 and the self-play learner), with the model of ``configs/countdown4.py`` at
-two shapes:
+three shapes:
 
-* ``enumerated_search``: a search node's row over Countdown-4's 48 legal steps
-  (16 rows, T = the model's context, K = 48, S = the written width
-  ``Task.legal_written_len()``, as the search reads them, and the whole step
-  width, as it read them before);
+* ``enumerated_search_written`` and ``enumerated_search_whole_steps``: search
+  nodes' rows over Countdown-4's 48 legal steps (16 rows, T = the model's
+  context, K = 48, S = the written width ``Task.legal_written_len()``, as
+  the search reads them, or the whole step width, as it read them before);
 * ``learner``: a learner batch of replayed moves (64 rows, K = 16 sampled
   steps of S = the task's step width).
 

@@ -343,7 +343,8 @@ class Attention(nnx.Module):
           x: [B, T, D] normalised input.
           positions: int32[B, T] position of each query token (rotary angle).
           mask: bool[B, T, T_k] which keys each query may attend to (unused
-            for ``BranchKV``, which carries its own masks).
+            for ``BranchKV``, which carries its own masks), or a
+            ``ContinuationMask`` for ``score_continuations``'s full forward.
           kv_cache: None for a full forward (keys are this call's own ``T``
             tokens, ``T_k = T``); a ``DecodeKV`` for one decode step (``T =
             1``), a ``ChunkKV`` for a chunk of ``T`` tokens written after each
