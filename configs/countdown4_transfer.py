@@ -11,7 +11,9 @@ and expert iteration learn from their own search on Countdown-4.
 Measured (seed 0, 4 iterations; benchmarks/README.md): the SFT start writes a number the 4-number prompt
 lacks in 95% of its chains, so sampled candidates never reach a solution and every algorithm solves 0%.
 AlphaZero learns only which steps are legal there (its legal mass 3.4% -> 37.8%). Self-play needs a
-reachable reward here: e.g. ``--config.search.candidates=enumerate`` (the task's legal steps).
+reachable reward here: ``--config.search.candidates=enumerate`` (the task's legal steps) gives one. With it
+(seed 0, 4 iterations, benchmarks/results/study/countdown4_transfer_enumerate/): test greedy 2.2% -> 4.3%
+for AlphaZero, 1.9% for SFT only at the same compute (McNemar p = 0.0015; one seed).
 """
 
 from alphareason.config import ConfigDict
