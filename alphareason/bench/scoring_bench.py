@@ -34,19 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alphareason.model.transformer import ContinuationMask
 from alphareason.provenance import machine_info, process_code_version
-
-
-def _inputs(model, tokens, lengths, continuations):
-    """The sequence ``[prefix | cont_0 | ... ]`` and its positions, as ``score_continuations`` builds them."""
-    batch, length = tokens.shape
-    _, K, S = continuations.shape
-    cont_pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(S)[None, None, :], (batch, K, S))
-    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(length), (batch, length)),
-                                 cont_pos.reshape(batch, K * S)], 1)
-    seq = jnp.concatenate([tokens, continuations.reshape(batch, K * S)], 1)
-    return seq, jnp.minimum(positions, model.config.max_len - 1)
 
 
 def dense_mask(lengths, T: int, K: int, S: int):
@@ -64,10 +52,9 @@ def dense_mask(lengths, T: int, K: int, S: int):
 
 def residual_stream(model, tokens, lengths, continuations, *, blocked: bool):
     """[B, T + K*S, D]: the blocks' output over the scoring pass, with the blocked or the dense attention."""
-    T, (_, K, S) = tokens.shape[1], continuations.shape
-    seq, positions = _inputs(model, tokens, lengths, continuations)
-    mask = (ContinuationMask(T, K, jnp.arange(T)[None, :] < lengths[:, None]) if blocked
-            else dense_mask(lengths, T, K, S))
+    seq, positions, mask = model.continuation_inputs(tokens, lengths, continuations)
+    if not blocked:
+        mask = dense_mask(lengths, mask.prefix_len, mask.num_continuations, continuations.shape[2])
     return model._run_blocks(seq, positions, mask)[0]
 
 

@@ -722,12 +722,7 @@ class Transformer(nnx.Module):
         batch, length = tokens.shape
         _, K, S = continuations.shape
         lengths = jnp.asarray(lengths, jnp.int32)
-        idx = jnp.arange(length)
-        cont_pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(S)[None, None, :], (batch, K, S))
-        positions = jnp.concatenate([jnp.broadcast_to(idx, (batch, length)), cont_pos.reshape(batch, K * S)], 1)
-        mask = ContinuationMask(length, K, idx[None, :] < lengths[:, None])
-        seq = jnp.concatenate([tokens, continuations.reshape(batch, K * S)], 1)
-        x, _, _ = self._run_blocks(seq, jnp.minimum(positions, self._max_position()), mask)
+        x, _, _ = self._run_blocks(*self.continuation_inputs(tokens, lengths, continuations))
         last = x[jnp.arange(batch), lengths - 1]  # [B, D]
         cont = x[:, length:].reshape(batch, K, S, -1)
         # The output before continuation token s: the prefix's last token for s = 0.
@@ -739,6 +734,18 @@ class Transformer(nnx.Module):
             return logits.reshape(batch, K, S, -1), value_logits[:, 0]
         cont_values = self._value_head(self.final_norm(cont.reshape(batch, K * S, -1)))
         return logits.reshape(batch, K, S, -1), value_logits[:, 0], cont_values.reshape(batch, K, S)
+
+    def continuation_inputs(self, tokens, lengths, continuations):
+        """``score_continuations``'s pass: (sequence int32[B, T + K*S], positions int32[B, T + K*S],
+        ``ContinuationMask``); token s of continuation k sits at position ``lengths[b] + s``."""
+        batch, length = tokens.shape
+        _, K, S = continuations.shape
+        idx = jnp.arange(length)
+        cont_pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(S)[None, None, :], (batch, K, S))
+        positions = jnp.concatenate([jnp.broadcast_to(idx, (batch, length)), cont_pos.reshape(batch, K * S)], 1)
+        seq = jnp.concatenate([tokens, continuations.reshape(batch, K * S)], 1)
+        return (seq, jnp.minimum(positions, self._max_position()),
+                ContinuationMask(length, K, idx[None, :] < lengths[:, None]))
 
     def _max_position(self) -> int:
         return self.config.max_len - 1
