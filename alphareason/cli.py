@@ -253,7 +253,7 @@ def cmd_bench(args, overrides) -> int:
         if args.search_simulations < 0:
             raise UsageError(f"--search-simulations {args.search_simulations}: must be >= 0 (0: no search)")
         result = run_value_bench(args.out, workdir=args.workdir, problems=args.problems or 200, overrides=overrides,
-                                 search_simulations=args.search_simulations)
+                                 search_simulations=args.search_simulations, phase=args.phase)
         print(format_report(result))
         return 0
     elif args.what == "scoring":
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--search-simulations", type=int, default=0,
                    help="value: also MCTS with this many simulations (the issue's 64) on 500 held-out problems, "
                         "with the learned value and with a constant one")
+    b.add_argument("--phase", choices=["selfplay", "sft"],
+                   help="value: the run's newest checkpoint of this phase (default: self-play if present, else SFT)")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     b.add_argument("--config", help="selfplay: the experiment config (default configs/countdown_tiny.py; "

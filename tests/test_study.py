@@ -108,6 +108,30 @@ def test_value_report_labels_every_live_state_exactly():
     assert report["depths"][0]["solvable"] == 1.0  # generated problems are solvable
     for row in report["depths"].values():
         assert 0.0 <= row["mean_mc"] <= 1.0 and 0.0 <= row["mean_value"] <= 1.0
+    walks = report["walks"]
+    assert walks["walks_per_problem"] == 4 and walks["all"]["states"] == sum(
+        r["states"] for r in walks["depths"].values())
+    assert set(walks["depths"]) == {1}  # Countdown-3: one live state past the prompt on every walk
+
+
+def test_walk_states_are_the_live_legal_states_labelled_exactly():
+    from alphareason.eval.value import summarize_vstar, walk_states
+    problems = TASK.generate(0, 8)
+    index, texts, depths = walk_states(TASK, problems, np.random.default_rng(0), 6)
+    again = walk_states(TASK, problems, np.random.default_rng(0), 6)
+    assert (index, texts, depths) == again and len(set(zip(index, texts))) == len(texts)  # seeded, distinct
+    labels = []
+    for i, text, d in zip(index, texts, depths):
+        verdict = TASK.verify(problems[i], text)
+        assert verdict.num_valid_steps == d == len(text.splitlines()) and not verdict.solved
+        labels.append(float(TASK.solvable_after(problems[i], text)))
+    labels = np.array(labels)
+    assert 0 < labels.sum() < len(labels)  # both classes: the AUC is defined
+    out = summarize_vstar(labels * 0.5 + 0.25, labels)  # a value that ranks by V* exactly
+    assert out["auc_vstar"] == 1.0 and out["solvable_states"] == labels.sum() and out["states"] == len(labels)
+    assert summarize_vstar(1.0 - labels, labels)["auc_vstar"] == 0.0
+    assert walk_states(get_task("arithmetic"), get_task("arithmetic").generate(0, 2),
+                       np.random.default_rng(0), 3) == ([], [], [])
 
 
 def test_search_against_a_constant_value_changes_only_the_value():
@@ -183,7 +207,8 @@ def test_study_runs_matches_compute_and_reports_paired_tests(tmp_path):
         [evals[0]["mcts_solve_rate"], evals[1]["mcts_solve_rate"]]
     evals = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "metrics.jsonl"))]
     evals = [r for r in evals if r["phase"] == "eval"]
-    for key in ("value_auc_mc", "value_brier_mc", "value_auc_vstar_depth0", "policy_legal_mass"):
+    for key in ("value_auc_mc", "value_brier_mc", "value_auc_vstar_depth0", "value_auc_vstar_walks",
+                "policy_legal_mass"):
         assert all(key in r for r in evals), key  # value diagnostics in every iteration's record
     rows = [json.loads(x) for x in open(os.path.join(results, "alphazero", "seed0", "test_greedy_1.jsonl"))]
     assert len(rows) == 8 and all(TASK.verify(r["problem"], r["solution"]).solved == r["solved"] for r in rows)

@@ -303,6 +303,24 @@ def test_negative_examples_are_not_solutions():
             assert text is not None and not task.verify(problem, text).solved
 
 
+def test_random_walks_take_legal_steps_until_the_chain_ends():
+    rng = np.random.default_rng(0)
+    ends = set()
+    for task in (COUNTDOWN, ANY_TARGET):
+        for problem in task.generate(2, 30):
+            text = task.random_walk(problem, rng)
+            lines = split_steps(text)
+            verdict = task.verify(problem, text)
+            assert verdict.num_valid_steps == len(lines)  # every step legal
+            for d in range(1, len(lines)):  # no earlier state ends the chain
+                assert not task.verify(problem, "".join(x + "\n" for x in lines[:d])).solved
+            if task.use_all:
+                assert len(lines) == len(problem["numbers"]) - 1  # one number left: the chain is over
+            ends.add(verdict.solved)
+    assert ends == {True, False}  # both endings occur
+    assert ARITHMETIC.random_walk(ARITHMETIC.generate(0, 1)[0], rng) is None  # no legal-step listing
+
+
 # ------------------------------------------------------------- generators
 @pytest.mark.parametrize("task", [COUNTDOWN, ANY_TARGET, GAME24, ARITHMETIC],
                          ids=["countdown", "any_target", "game24", "arithmetic"])

@@ -19,14 +19,15 @@ import jax
 
 def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: str = "validation",
                     chains: int = 2, mc_samples: int = 8, seed: int = 0, search_simulations: int = 0,
-                    search_problems: int = 500, overrides=()) -> dict:
-    """``search_simulations > 0``: also MCTS with that many simulations on the first ``search_problems``
+                    search_problems: int = 500, overrides=(), phase: str | None = None) -> dict:
+    """``phase``: the newest checkpoint of that phase (default: self-play if present, else SFT).
+    ``search_simulations > 0``: also MCTS with that many simulations on the first ``search_problems``
     problems, with the learned value and with a constant one (``eval.value.search_with_and_without_value``)."""
     from alphareason.config import apply_overrides, run_config
     from alphareason.eval.value import search_with_and_without_value, value_report
     from alphareason.run import env_config, load_model, search_config, split_problems
     config = apply_overrides(run_config(workdir), overrides)
-    model, task, meta = load_model(config, workdir)
+    model, task, meta = load_model(config, workdir, phase=phase)
     split_rows = split_problems(config, workdir, split)
     held_out = split_rows[:problems]
     t0 = time.time()
@@ -58,6 +59,12 @@ def format_report(result: dict) -> str:
                      f"{r['mean_mc']:>8.3f} {f(r.get('auc_vstar')):>7} {f(r.get('auc_mc')):>7} {r['brier_mc']:>9.3f}")
     lines.append(f"prompt: AUC against the greedy policy solving the problem {f(result['prompt_auc_greedy'])} "
                  f"(greedy solves {result['greedy_solve_rate']:.1%})")
+    if result.get("walks"):
+        w = result["walks"]
+        lines.append(f"states along {w['walks_per_problem']} random legal walks a problem, against V*:")
+        for name, r in [(str(d), r) for d, r in w["depths"].items()] + [("all", w["all"])]:
+            lines.append(f"{name:>6} {r['states']:>7} {f(r.get('solvable')):>6} {r['mean_value']:>7.3f} "
+                         f"{'':>8} {f(r.get('auc_vstar')):>7}")
     if "search" in result:
         s = result["search"]
         lines.append(f"MCTS@{s['simulations']} on {s['problems']} problems: {s['learned']:.1%} with the learned "

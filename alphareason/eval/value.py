@@ -15,6 +15,13 @@ finished (the prompt, the end of step 1, 2, ...) is kept, with its depth
 * the policy's legal mass: its probability of writing a legal step next
   (the sum over the task's legal steps), a diagnostic of the policy itself.
 
+A policy that seldom writes a legal step reaches few states past the prompt,
+too few to rank (a handful of solvable ones). A search over the task's legal
+steps (``search.candidates="enumerate"``) visits legal states whatever the
+policy, so the report also ranks the states along random legal walks
+(``Task.random_walk``: legal steps drawn uniformly until the chain ends)
+against ``V*``, per depth and over all depths (``walks``).
+
 Reported per depth and over all depths (``value_report``): AUC of ``v``
 against ``V*`` (where both classes occur), AUC against the rollouts'
 outcomes (each state counts as ``mc`` positive and ``1 - mc`` negative),
@@ -89,6 +96,17 @@ def summarize(v: np.ndarray, vstar: np.ndarray, mc: np.ndarray) -> dict[str, Any
     return out
 
 
+def summarize_vstar(v: np.ndarray, vstar: np.ndarray) -> dict[str, Any]:
+    """The diagnostics of states labelled only by ``V*`` (no rollouts): counts, AUC, Brier and ECE."""
+    out: dict[str, Any] = {"states": int(len(v)), "solvable_states": int(np.sum(vstar == 1)),
+                           "mean_value": float(np.mean(v)) if len(v) else float("nan")}
+    if len(v):
+        out["solvable"] = float(np.mean(vstar))
+        out["auc_vstar"] = auc(v, vstar)
+        out.update({f"{k}_vstar": x for k, x in calibration(v, vstar).items()})
+    return out
+
+
 # ------------------------------------------------------------------- states
 def chain_states(task: Task, problem: Problem, text: str) -> list[tuple[str, int]]:
     """The states along one chain: ``(prefix text, depth)`` for the prompt and after every valid step.
@@ -97,6 +115,31 @@ def chain_states(task: Task, problem: Problem, text: str) -> list[tuple[str, int
     """
     lines = split_steps(text)[: task.verify(problem, text).num_valid_steps]
     return [("".join(x + "\n" for x in lines[:d]), d) for d in range(len(lines) + 1)]
+
+
+def walk_states(task: Task, problems: Sequence[Problem], rng: np.random.Generator,
+                walks: int) -> tuple[list[int], list[str], list[int]]:
+    """The distinct live states along ``walks`` random legal walks from each problem, past the prompt.
+
+    Returns ``(problem index, prefix text, depth)`` per state; empty when the task has no
+    ``random_walk``. A walk's last state is finished (solved or a dead end) and is left out.
+    """
+    index, texts, depths = [], [], []
+    for i, p in enumerate(problems):
+        seen = set()
+        for _ in range(walks):
+            text = task.random_walk(p, rng)
+            if text is None:
+                return [], [], []
+            lines = split_steps(text)
+            for d in range(1, len(lines)):
+                prefix = "".join(x + "\n" for x in lines[:d])
+                if prefix not in seen:
+                    seen.add(prefix)
+                    index.append(i)
+                    texts.append(prefix)
+                    depths.append(d)
+    return index, texts, depths
 
 
 class ValueProbe:
@@ -175,11 +218,13 @@ class ValueProbe:
 
 
 def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains: int = 2, mc_samples: int = 8,
-                 temperature: float = 1.0, batch_size: int = 256) -> dict[str, Any]:
+                 temperature: float = 1.0, batch_size: int = 256, walks: int = 4) -> dict[str, Any]:
     """Value diagnostics of ``model`` on states the policy reaches from ``problems`` (see the module doc).
 
     Returns ``{"depths": {d: summary}, "all": summary, "prompt_auc_greedy": float | None,
-    "greedy_solve_rate": float, ...}``; summaries as ``summarize`` gives them.
+    "greedy_solve_rate": float, "walks": {"depths": ..., "all": ...} | None, ...}``; summaries as
+    ``summarize`` gives them, those of ``walks`` (``walks`` random legal walks a problem; None for a
+    task without them, or ``walks=0``) as ``summarize_vstar``.
     """
     problems = list(problems)
     graphdef, params = nnx.split(model)
@@ -222,6 +267,17 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     prompt_values = np.zeros((len(problems),), np.float64)
     prompt_values[np.asarray(state_problem)[at_prompt]] = v[at_prompt]
     report["prompt_auc_greedy"] = auc(prompt_values, greedy_solved[:, 0])
+    report["walks"] = None
+    seed = int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2 ** 31 - 1))
+    w_index, w_text, w_depth = walk_states(task, problems, np.random.default_rng(seed), walks) if walks else ([], [], [])
+    if w_index:
+        wp = [problems[i] for i in w_index]
+        wv = probe.values(params, wp, w_text)
+        wstar = np.array([float(task.solvable_after(p, t)) for p, t in zip(wp, w_text)])
+        wd = np.asarray(w_depth)
+        report["walks"] = {"walks_per_problem": walks,
+                           "depths": {int(d): summarize_vstar(wv[wd == d], wstar[wd == d]) for d in np.unique(wd)},
+                           "all": summarize_vstar(wv, wstar)}
     return report
 
 
@@ -261,4 +317,8 @@ def flat_metrics(report: dict[str, Any], prefix: str = "value_") -> dict[str, fl
            f"{prefix}ece_mc": report["all"]["ece_mc"]}
     for d, row in report["depths"].items():
         out[f"{prefix}auc_vstar_depth{d}"] = row.get("auc_vstar")
+    if report.get("walks"):
+        out[f"{prefix}auc_vstar_walks"] = report["walks"]["all"].get("auc_vstar")
+        for d, row in report["walks"]["depths"].items():
+            out[f"{prefix}auc_vstar_walks_depth{d}"] = row.get("auc_vstar")
     return {k: (float("nan") if x is None else float(x)) for k, x in out.items()}

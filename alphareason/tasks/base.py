@@ -239,6 +239,15 @@ class Task(abc.ABC):
         """Optional: a chain of thought that does not solve ``problem`` (for value targets)."""
         return None
 
+    def random_walk(self, problem: Problem, rng: np.random.Generator) -> str | None:
+        """Optional: legal steps chosen uniformly at random until the chain ends (solved or a dead end).
+
+        The states along such walks are those a search over legal steps reaches, whatever its policy;
+        the value diagnostics label them with ``solvable_after``. None for a task that cannot list its
+        legal steps.
+        """
+        return None
+
 
 def split_steps(text: str) -> list[str]:
     """The steps (lines) of a chain of thought; a trailing empty line is ignored.

@@ -660,6 +660,20 @@ class CountdownTask(Task):
             start += len(line) + 1
         return mask
 
+    def _walk(self, problem: Problem, rng: np.random.Generator) -> tuple[str, bool]:
+        """Canonical moves (``_moves``) chosen uniformly at random until the chain ends: (text, solved)."""
+        chain = _Chain(problem["numbers"], problem["target"], self.use_all)
+        lines = []
+        while not chain.done:
+            moves = list(self._moves(chain.available))
+            a, op, b, c = moves[rng.integers(len(moves))]
+            chain.move(a, b, c)
+            lines.append(f"{a}{op}{b}={c}\n")
+        return "".join(lines), chain.solved
+
+    def random_walk(self, problem: Problem, rng: np.random.Generator) -> str | None:
+        return self._walk(self.check_problem(problem), rng)[0]
+
     def negative_example(self, problem: Problem, rng: np.random.Generator) -> str | None:
         """Legal steps chosen at random that end unsolved (or stop early); without the calculator, half
         the time a solution prefix with one wrong result instead.
@@ -668,18 +682,11 @@ class CountdownTask(Task):
         only walks are drawn (None when 16 walks all solve the problem).
         """
         problem = self.check_problem(problem)
-        target = problem["target"]
         if self.tool or rng.random() < 0.5:
             for _ in range(16 if self.tool else 4):
-                chain = _Chain(problem["numbers"], target, self.use_all)
-                lines = []
-                while not chain.done:
-                    moves = list(self._moves(chain.available))
-                    a, op, b, c = moves[rng.integers(len(moves))]
-                    chain.move(a, b, c)
-                    lines.append(f"{a}{op}{b}={c}\n")
-                if not chain.solved:
-                    return "".join(lines)
+                walk, solved = self._walk(problem, rng)
+                if not solved:
+                    return walk
             if self.tool:
                 return None
         solution = self.solve(problem)

@@ -53,10 +53,11 @@ from alphareason.provenance import process_code_version
 
 REFERENCE = "alphazero"
 # The diagnostics on held-out (validation) states that each iteration's eval row carries
-# (``eval.value.value_report``): the value head's AUC against exact solvability V* at step ends and at
-# the prompt against whether greedy decoding solves the problem, and the policy's probability of
-# writing a legal step next.
-VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_prompt_auc_greedy": "prompt AUC vs greedy",
+# (``eval.value.value_report``): the value head's AUC against exact solvability V* at the step ends the
+# policy's samples reach and at those of random legal walks, at the prompt against whether greedy
+# decoding solves the problem, and the policy's probability of writing a legal step next.
+VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_auc_vstar_walks": "AUC vs V* on legal walks",
+                     "value_prompt_auc_greedy": "prompt AUC vs greedy",
                      "policy_legal_mass": "policy's mass on legal steps"}
 # What each algorithm name means as config overrides (variants add their own on top).
 ALGORITHM_OVERRIDES = {
@@ -660,9 +661,10 @@ def markdown(study: dict[str, Any]) -> str:
             if any(key in x.get("value", {}) for x in a["iterations"])]
     if rows:
         lines += _iteration_table("The value head and the policy on held-out (validation) states, mean over seeds "
-                                  "[95% t interval]: the value's AUC against exact solvability V* at step ends, "
-                                  "and at the prompt against whether greedy decoding solves the problem (0.5: no "
-                                  "information); the policy's probability of writing a legal step next, averaged "
+                                  "[95% t interval]: the value's AUC against exact solvability V* at the step ends "
+                                  "of the policy's samples and of random legal walks (the states a search over legal "
+                                  "steps visits), and at the prompt against whether greedy decoding solves the "
+                                  "problem (0.5: no information); the policy's probability of writing a legal step next, averaged "
                                   "over the states.", its,
                                   before=("diagnostic",), after=())
         for name, key, a in rows:
