@@ -230,7 +230,8 @@ def load_model(config: ConfigDict, workdir: str, *, phase: str | None = None, me
         pure, meta = Checkpointer(directory).restore(snapshot(state))
         model, _ = nnx.merge(graphdef, restore_into(state, pure))
         return model, task, meta
-    raise CheckpointError(f"no checkpoint under {os.path.join(os.path.abspath(workdir), 'checkpoints')}; run "
+    raise CheckpointError(f"no {phase + ' ' if phase else ''}checkpoint under "
+                          f"{os.path.join(os.path.abspath(workdir), 'checkpoints')}; run "
                           f"`alphareason train --config ... --workdir {workdir}` first")
 
 

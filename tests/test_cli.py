@@ -244,6 +244,9 @@ def test_bench_value_refuses_a_negative_search_budget_and_a_missing_run(run, tmp
     assert "--search-simulations -1" in msg and ">= 0" in msg
     msg = _error_line(capsys, ["bench", "value", "--out", str(out)])
     assert "--workdir" in msg
+    msg = _error_line(capsys, ["bench", "value", "--workdir", run["workdir"], "--phase", "selfplay",
+                               "--out", str(out)])  # an SFT run has no self-play checkpoint to measure
+    assert "no selfplay checkpoint" in msg and run["workdir"] in msg
     assert not out.exists()
 
 
