@@ -89,6 +89,7 @@ def summarize(v: np.ndarray, vstar: np.ndarray, mc: np.ndarray) -> dict[str, Any
                            "mean_mc": float(np.mean(mc)) if len(mc) else float("nan")}
     if has_vstar.any():
         out["solvable"] = float(np.mean(vstar[has_vstar]))
+        out["solvable_states"] = int(np.sum(vstar[has_vstar] == 1))
         out["auc_vstar"] = auc(v[has_vstar], vstar[has_vstar])
         out.update({f"{k}_vstar": x for k, x in calibration(v[has_vstar], vstar[has_vstar]).items()})
     out["auc_mc"] = auc(v, mc)
@@ -268,8 +269,8 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     prompt_values[np.asarray(state_problem)[at_prompt]] = v[at_prompt]
     report["prompt_auc_greedy"] = auc(prompt_values, greedy_solved[:, 0])
     report["walks"] = None
-    seed = int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2 ** 31 - 1))
-    w_index, w_text, w_depth = walk_states(task, problems, np.random.default_rng(seed), walks) if walks else ([], [], [])
+    rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2 ** 31 - 1)))
+    w_index, w_text, w_depth = walk_states(task, problems, rng, walks)
     if w_index:
         wp = [problems[i] for i in w_index]
         wv = probe.values(params, wp, w_text)
