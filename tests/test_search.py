@@ -223,7 +223,7 @@ def test_enumerated_children_value_themselves_as_their_parents_step_end_values_w
     env, search = SETTINGS["enumerate"]
     limit = dataclasses.replace(search, max_depth=setup["task"].max_steps + 1)
     searcher = Searcher(setup["task"], setup["graphdef"], env, limit, seq_len=setup["seq_len"], keep_tree=True)
-    assert searcher.env._enumerated_step_values and not searchers("enumerate").env._enumerated_step_values
+    assert searcher.env.scores_whole_steps and not searchers("enumerate").env.scores_whole_steps
     inputs = jax.tree.map(jnp.asarray, searcher.env.initial(setup["problems"]))
     whole = searcher(setup["params"], jax.random.split(jax.random.key(SEED), 3), inputs)
     own = results("enumerate")

@@ -217,8 +217,9 @@ class ReasoningEnv:
         # Enumerated steps: every child that proposes scores its own prefix, whose last token is its step's end,
         # so its value comes from that pass and the parent scores only the model-written part of each legal
         # step (``Task.legal_written_len``). A child that proposes nothing (at the depth limit) or a terminal
-        # one whose network value is its reward needs its value from the parent: then whole steps are scored.
-        self._enumerated_step_values = config.terminal_reward == "value" or max_depth is not None
+        # one whose network value is its reward needs its value from the parent: then whole steps are scored
+        # (``scores_whole_steps``: True).
+        self.scores_whole_steps = config.terminal_reward == "value" or max_depth is not None
         needed = task.context_len() - 1  # the prompt and max_steps steps; no EOS after a search's chain
         if seq_len < needed:
             raise ValueError(f"the model's context (max_len={seq_len} tokens) cannot hold a chain of thought of "
@@ -405,7 +406,7 @@ class ReasoningEnv:
         steps, _ = jax.vmap(self.task.legal_steps)(r["task_state"])  # [G, K, S]
         cands = jnp.where(r["propose"][:, None, None], steps, tok.PAD)
         cand_length = jnp.sum(cands != tok.PAD, -1).astype(jnp.int32)
-        if self._enumerated_step_values:
+        if self.scores_whole_steps:
             read = cands
             logprob, num_sampled, value_logits, step_values = score_candidates(
                 model, self.task, r["tokens"], r["length"], read, step_values=True)
@@ -476,7 +477,7 @@ class ReasoningEnv:
             out, computed = run_in_groups(lambda r: work(r, None)[:2], needs, rows, group_rows=self._group_nodes())
         else:
             out, computed, pool = run_in_groups(work, needs, rows, group_rows=self._group_nodes(), carry=pool)
-        if mode == "enumerate" and not self._enumerated_step_values:  # its own pass: the value at its step's end
+        if mode == "enumerate" and not self.scores_whole_steps:  # its own pass: the value at its step's end
             out["value_logits"] = jnp.where(propose, out["value_logits"], -jnp.inf)  # a terminal child: 0
         elif mode != "tokens":  # the value at the end of the step taken, computed when the parent scored it
             out["value_logits"] = jnp.take_along_axis(node.cand_value_logits, action[:, None], 1)[:, 0]
