@@ -21,6 +21,9 @@ of the last iteration against the start and against the reference.
   python experiments/legal_step_policy.py --runs runs/study/countdown4 \\
       --results benchmarks/results/study/countdown4 --seeds 2
 
+A run whose search enumerates legal steps (``search.candidates=enumerate``)
+is skipped: its own greedy evaluation already is legal-step greedy.
+
 Checkpoints live only in the work directories (``runs/``, not kept), so run
 it on the machine that ran the study, before they go. Files that exist are
 not evaluated again.
@@ -74,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-problems", type=int, default=1000)
     args = p.parse_args(argv)
     from alphareason.checkpoint import Checkpointer
+    from alphareason.config import run_config
     from alphareason.run import checkpoint_dir
     for seed in args.seeds:
         seed_dir = os.path.join(args.runs, f"seed{seed}")
@@ -86,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = None
         for algorithm in algorithms:
             workdir = os.path.join(seed_dir, algorithm)
+            if run_config(workdir).search.candidates == "enumerate":
+                print(f"{workdir}: its search enumerates legal steps, so the study's own greedy evaluation "
+                      f"(test_greedy_*.jsonl) already is legal-step greedy; nothing to add")
+                continue
             folder = os.path.join(args.results, algorithm, f"seed{seed}")
             first = os.path.join(folder, RESULT.format(0))
             if not os.path.exists(first):
