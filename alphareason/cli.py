@@ -97,7 +97,7 @@ def cmd_eval(args, overrides) -> int:
     config = _workdir_config(args.workdir, overrides)
     _start_processes(args, config)
     mesh = make_mesh(config)
-    model, task, meta = load_model(config, args.workdir, mesh=mesh)
+    model, task, meta = load_model(config, args.workdir, mesh=mesh, phase=args.phase)
     if args.problems:
         problems = read_problems(args.problems, task)
         source = args.problems
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--phase", choices=["selfplay", "sft"],
+                   help="the run's newest checkpoint of this phase (default: self-play if present, else SFT)")
     e.add_argument("--out", help="results JSONL (one line per problem)")
     e.set_defaults(fn=cmd_eval)
 

@@ -235,6 +235,8 @@ def test_missing_workdir_and_checkpoint(run, tmp_path, capsys):
     shutil.copy(os.path.join(run["workdir"], "config.json"), empty / "config.json")
     msg = _error_line(capsys, ["eval", "--workdir", str(empty)])
     assert "no checkpoint" in msg and str(empty) in msg and "alphareason train" in msg
+    msg = _error_line(capsys, ["eval", "--workdir", run["workdir"], "--phase", "selfplay"])  # an SFT run
+    assert "no selfplay checkpoint" in msg and run["workdir"] in msg
 
 
 def test_bench_value_refuses_a_negative_search_budget_and_a_missing_run(run, tmp_path, capsys):
