@@ -132,9 +132,7 @@ def walk_states(task: Task, problems: Sequence[Problem], rng: np.random.Generato
             text = task.random_walk(p, rng)
             if text is None:
                 return [], [], []
-            lines = split_steps(text)
-            for d in range(1, len(lines)):
-                prefix = "".join(x + "\n" for x in lines[:d])
+            for prefix, d in chain_states(task, p, text)[1:-1]:  # past the prompt, before the end
                 if prefix not in seen:
                     seen.add(prefix)
                     index.append(i)

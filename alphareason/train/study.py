@@ -664,7 +664,8 @@ def markdown(study: dict[str, Any]) -> str:
                                   "[95% t interval]: the value's AUC against exact solvability V* at the step ends "
                                   "of the policy's samples and of random legal walks (the states a search over legal "
                                   "steps visits), and at the prompt against whether greedy decoding solves the "
-                                  "problem (0.5: no information); the policy's probability of writing a legal step next, averaged "
+                                  "problem (0.5: no information); the policy's probability of writing a legal step "
+                                  "next, averaged "
                                   "over the states.", its,
                                   before=("diagnostic",), after=())
         for name, key, a in rows:
