@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -303,11 +304,14 @@ def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteratio
 
 
 def test_learner_batches_and_their_cost_hold_only_the_terms_in_use(tmp_path):
-    """Expert iteration without a value term scores no candidates: its batches are SFT rows, costed as such."""
+    """Expert iteration without a value term scores no candidates: its batches are SFT rows, costed as such;
+    the cost of a batch of enumerated candidates is that of the batch the loop builds."""
     import configs_for_tests
     from alphareason.run import make_model_config, make_task
     from alphareason.train import study
-    from alphareason.train.loop import _learner_batch
+    from alphareason.run import env_config
+    from alphareason.search.env import ReasoningEnv
+    from alphareason.train.loop import _learner_batch, learner_candidate_width, learner_token_forwards
     from alphareason.train.replay import ReplayBuffer
     path = configs_for_tests.write_micro(tmp_path)
     config = study.algorithm_config(path, ["selfplay.value_weight=0.0"], "expert_iteration", 0)
@@ -324,6 +328,20 @@ def test_learner_batches_and_their_cost_hold_only_the_terms_in_use(tmp_path):
     batch = _learner_batch(replay, np.random.default_rng(0), with_value.selfplay, task, None)
     assert {"sft", "candidates", "action_weights"} <= set(batch)
     assert study.learner_step_cost(with_value, task) == 3 * B * (T + K * S) + 3 * B * T
+    # enumerated candidates: the learner keeps each legal step's model-written tokens only, and so does its cost
+    enumerated = study.algorithm_config(path, ["search.candidates=enumerate", "task.options.tool=calculator"],
+                                        "alphazero", 0)
+    task = make_task(enumerated)
+    T, S, W = make_model_config(enumerated, task).max_len, task.max_step_len, task.legal_written_len()
+    assert W < S
+    K = ReasoningEnv(task, None, env_config(enumerated), seq_len=T).num_candidates
+    replay = ReplayBuffer(8, seq_len=T, num_candidates=K, step_len=S)
+    replay._put_move({"tokens": np.ones((T,), np.int32), "length": 3, "action_weights": np.full((K,), 1.0 / K)})
+    replay._put_traj(np.ones((T,), np.int32), 2, 5)
+    batch = _learner_batch(replay, np.random.default_rng(0), enumerated.selfplay, task, None,
+                           candidate_width=learner_candidate_width(enumerated, task))
+    assert batch["candidates"].shape[1:] == (K, W)
+    assert study.learner_step_cost(enumerated, task) == learner_token_forwards(batch)
 
 
 def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_reference(tmp_path):
@@ -397,6 +415,33 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     assert study.report(str(tmp_path), reference="corrected")["title"] == "Micro study"
     assert (tmp_path / "study_vs_corrected.md").read_text().startswith("## Micro study\n")
     assert study.report(str(tmp_path))["title"] == ""  # study.json had none
+
+
+def test_the_report_says_the_policy_only_rate_of_an_enumerated_search_is_greedy_over_legal_steps(tmp_path):
+    """Where a run's search enumerates the legal steps, its greedy evaluation is over them
+    (``LegalStepDecoder``): the caption says so, from run.json or, for runs from before it recorded
+    ``search_candidates``, from the config and overrides it names."""
+    from alphareason.train import study
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = os.path.join(root, "configs", "countdown_tiny.py")
+    infos = {"recorded": {"search_candidates": "enumerate"},
+             "from_config": {"config": tiny, "overrides": ["--config.search.candidates=enumerate"]},
+             "variant": {"config": tiny, "overrides": [], "variant_overrides": ["search.candidates=enumerate"]},
+             "sampled": {"config": tiny, "overrides": []}}
+    assert {name: study.run_candidates(info) for name, info in infos.items()} == {
+        "recorded": "enumerate", "from_config": "enumerate", "variant": "enumerate", "sampled": "sample"}
+    assert study.run_candidates({"eval": []}) is None
+    for name, info in infos.items():
+        folder = tmp_path / name / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0}], **info}))
+        (folder / "test_greedy_0.jsonl").write_text(json.dumps({"problem": {"id": 0}, "solved": True}) + "\n")
+    out = study.report(str(tmp_path), reference="recorded")
+    assert out["policy_only"] == ("greedy, and greedy over the legal steps for from_config, recorded, variant, "
+                                  "whose search enumerates them")
+    shutil.rmtree(tmp_path / "sampled")
+    out = study.report(str(tmp_path), reference="recorded")
+    assert "Policy-only (greedy over the legal steps) solve rate on the test split" in study.markdown(out)
 
 
 # ------------------------------------------------------------------ policy over legal steps

@@ -406,7 +406,7 @@ class SelfPlayLoop:
             demo_iter = BatchIterator(self.demonstrations, self.demo_task, batch_size=sp.learner_batch_size,
                                       seq_len=self.seq_len, seed=config.seed + it, position=0)
         pending, forwards = [], 0
-        width = self.task.legal_written_len() if config.search.candidates == "enumerate" else None
+        width = learner_candidate_width(config, self.task)
         for _ in range(sp.learner_steps):
             batch = _learner_batch(self.it.replay, rng, sp, self.task, demo_iter, candidate_width=width)
             if batch is None:
@@ -573,6 +573,12 @@ def learner_token_forwards(batch: dict[str, Any]) -> int:
     if "sft" in batch:
         n += int(np.asarray(batch["sft"]["tokens"]).size)
     return 3 * n
+
+
+def learner_candidate_width(config, task) -> int | None:
+    """The tokens of each candidate a learner batch keeps: with enumerated candidates the model-written ones
+    (``Task.legal_written_len``, the only ones a legal step's score reads); None (all) otherwise."""
+    return task.legal_written_len() if config.search.candidates == "enumerate" else None
 
 
 def learner_batch_parts(sp) -> tuple[bool, bool]:

@@ -94,14 +94,15 @@ def learner_step_cost(config: ConfigDict, task) -> int:
     with the shapes the loop's learner batches have (the values do not matter)."""
     from alphareason.run import env_config, make_model_config
     from alphareason.search.env import ReasoningEnv
-    from alphareason.train.loop import learner_batch_parts, learner_token_forwards
+    from alphareason.train.loop import learner_batch_parts, learner_candidate_width, learner_token_forwards
     sp, T = config.selfplay, make_model_config(config, task).max_len
     B = sp.learner_batch_size
     moves, sft = learner_batch_parts(sp)
     batch: dict[str, Any] = {"sft": {"tokens": np.zeros((B, T), np.int32)}} if sft else {}
     if moves:
         K = ReasoningEnv(task, None, env_config(config), seq_len=T).num_candidates
-        batch.update(tokens=np.zeros((B, T), np.int32), candidates=np.zeros((B, K, task.max_step_len), np.int32))
+        W = learner_candidate_width(config, task) or task.max_step_len
+        batch.update(tokens=np.zeros((B, T), np.int32), candidates=np.zeros((B, K, W), np.int32))
     return learner_token_forwards(batch)
 
 
@@ -275,7 +276,8 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
     info = {"config": config_path, "overrides": list(overrides), "algorithm": algorithm, "seed": seed,
             "code": code,
             "matched_compute": matched, "variant_overrides": list((variants or {}).get(algorithm, [])),
-            "learner_steps": config.selfplay.learner_steps, "seconds_this_call": time.time() - t0,
+            "learner_steps": config.selfplay.learner_steps, "search_candidates": config.search.candidates,
+            "seconds_this_call": time.time() - t0,
             **({"grpo_token_budget": config.grpo.token_budget,
                 "episodes_per_iteration": config.selfplay.episodes_per_iteration}
                if config.selfplay.algorithm == "grpo" else {}),
@@ -317,10 +319,37 @@ def _load_runs(results: str) -> dict[str, dict[int, dict[str, Any]]]:
             test[it] = {json.dumps(r["problem"], sort_keys=True): bool(r["solved"]) for r in rows}
             kinds[it] = [failure_kind(r.get("reason", "")) for r in rows]
         runs.setdefault(algorithm, {})[seed] = {"eval": info["eval"], "test": test, "kinds": kinds,
+                                                "candidates": run_candidates(info),
                                                 "validation_mcts": _per_problem(folder, "validation_mcts"),
                                                 "test_legal_greedy": _per_problem(folder, "test_legal_greedy"),
                                                 "problems": _problems_played(folder)}
     return runs
+
+
+def run_candidates(info: dict[str, Any]) -> str | None:
+    """The ``search.candidates`` of a study run from its ``run.json``: recorded there, or (runs from before
+    it was) read from the config and overrides it records; None where neither says."""
+    if "search_candidates" in info:
+        return info["search_candidates"]
+    if "config" not in info:
+        return None
+    overrides = [o.removeprefix("--config.") for o in [*info.get("overrides", []), *info.get("variant_overrides", [])]]
+    try:
+        return load_config(info["config"], overrides).search.candidates
+    except (ConfigError, OSError, ValueError, AttributeError):
+        return None
+
+
+def policy_only(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """What the study's policy-only rate decodes: ``greedy`` (free generation), or greedy over the legal
+    steps (``LegalStepDecoder``), which is what ``Evaluator`` runs where the search enumerates them."""
+    kinds = {run["candidates"] == "enumerate" for seeds in runs.values() for run in seeds.values()}
+    if kinds == {True}:
+        return "greedy over the legal steps"
+    if kinds == {False}:
+        return "greedy"
+    legal = sorted(a for a, seeds in runs.items() if any(r["candidates"] == "enumerate" for r in seeds.values()))
+    return f"greedy, and greedy over the legal steps for {', '.join(legal)}, whose search enumerates them"
 
 
 def different_starts(runs: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -477,7 +506,7 @@ def report(results: str, *, title: str | None = None, reference: str = REFERENCE
     if title is None:
         title = _earlier_title(os.path.join(results, f"{name}.json"))
     out: dict[str, Any] = {"title": title, "algorithms": {}, "paired": {}, "reference": reference,
-                           "different_starts": different_starts(runs)}
+                           "policy_only": policy_only(runs), "different_starts": different_starts(runs)}
     for algorithm, seeds in runs.items():
         iterations = sorted(set.intersection(*[set(s["test"]) for s in seeds.values()]))
         per_it = []
@@ -611,7 +640,8 @@ def markdown(study: dict[str, Any]) -> str:
     """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds
     (an interval only where there are two seeds or more)."""
     lines = [f"## {study['title']}" if study["title"] else "## Self-play study", "",
-             "Policy-only (greedy) solve rate on the test split, mean over seeds [95% t interval]; compute is "
+             f"Policy-only ({study.get('policy_only', 'greedy')}) solve rate on the test split, mean over seeds [95% t "
+             "interval]; compute is "
              "the mean total token forwards (self-play + learner, as computed) at the last iteration. Against "
              "the reference: the difference in solve rate at the last iteration, mean over seeds [95% t "
              "interval], and McNemar's exact test on the per-problem results pooled over seeds (which treats "
@@ -691,7 +721,7 @@ def plot(study: dict[str, Any], path: str) -> None:
         ax.plot(x, y, marker="o", label=f"{name} ({len(a['seeds'])} seeds)")
         ax.fill_between(x, lo, hi, alpha=0.15)
     ax.set_xlabel("total compute (model token forwards: self-play + learner)")
-    ax.set_ylabel("test solve rate, policy only (greedy)")
+    ax.set_ylabel(f"test solve rate, policy only ({study.get('policy_only', 'greedy')})", fontsize=9)
     ax.set_title(study["title"] or "self-play study", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
