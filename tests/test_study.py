@@ -354,6 +354,7 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
         folder = tmp_path / name / f"seed{seed}"
         folder.mkdir(parents=True)
         value = {"value_auc_vstar": 0.6 + 0.1 * seed, "value_prompt_auc_greedy": "nan" if seed else 0.7,
+                 "value_auc_vstar_walks_depth1": 0.55 + 0.1 * seed,
                  "policy_legal_mass": 0.8 - 0.2 * seed}
         (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 100 * seed,
                                                                **(value if name == "corrected" else {})}]}))
@@ -406,6 +407,7 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     assert "vs corrected" in table and "66.7%, 33.3%" in table and "-25.0% [" in table
     assert "| corrected | AUC vs V* at step ends | 0.65 [" in table and "| uncorrected | AUC" not in table
     assert "| corrected | prompt AUC vs greedy | 0.70 |" in table  # one seed: its value, with no interval
+    assert "| corrected | AUC vs V* on legal walks, after step 1 | 0.60 [" in table
     assert "| corrected | policy's mass on legal steps | 0.70 [" in table
     # another reference than alphazero writes its own files, not over study.*
     assert {"study_vs_corrected.json", "study_vs_corrected.md", "study_vs_corrected.png"} <= set(os.listdir(tmp_path))

@@ -56,7 +56,11 @@ REFERENCE = "alphazero"
 # (``eval.value.value_report``): the value head's AUC against exact solvability V* at the step ends the
 # policy's samples reach and at those of random legal walks, at the prompt against whether greedy
 # decoding solves the problem, and the policy's probability of writing a legal step next.
+# The walks' AUC pooled over depths is partly a depth effect (deeper states are less often solvable and
+# valued lower), so the first two depths are rows of their own.
 VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_auc_vstar_walks": "AUC vs V* on legal walks",
+                     "value_auc_vstar_walks_depth1": "AUC vs V* on legal walks, after step 1",
+                     "value_auc_vstar_walks_depth2": "AUC vs V* on legal walks, after step 2",
                      "value_prompt_auc_greedy": "prompt AUC vs greedy",
                      "policy_legal_mass": "policy's mass on legal steps"}
 # What each algorithm name means as config overrides (variants add their own on top).
