@@ -123,7 +123,7 @@ def default_config() -> ConfigDict:
     # "demonstrations", the SFT data (an anchor to the demonstrator, as AlphaStar's supervised loss or
     # InstructGPT's pretraining mix). Expert iteration always imitates its solved episodes.
     c.selfplay.sft_source = "solved"
-    c.selfplay.value_target = "outcome"  # "outcome" | "search_q" | "td_lambda"
+    c.selfplay.value_target = "outcome"  # "outcome" | "search_q" | "td_lambda" | "proven"
     c.selfplay.value_lambda = 0.8  # td_lambda: weight of the longer returns (1: the outcome, 0: the next search value)
     # "softmax": CE between action_weights and the softmax of the K candidates' log-likelihoods;
     # "likelihood": -sum_k action_weights[k] * log p(candidate k) (the sequences' own probabilities).

@@ -203,6 +203,25 @@ def test_policy_moves_solved_learns_the_policy_only_from_solved_episodes(task):
         selfplay_loss(model, batch, task=NO_TOOL, policy_moves="won")
 
 
+def test_each_value_target_reads_its_own_replay_field(task):
+    """The value term is the cross-entropy against the chosen target's field: swapping the fields swaps it."""
+    model = perturbed_model(ModelConfig.micro(max_len=48), seed=5, scale=0.05)
+    _, tokens, length, cands = _states(task, seed=1)
+    fields = {"outcome": [1, 0, 1], "td_lambda": [0.2, 0.9, 0.4], "proven": [1, 1, 0], "search_value": [0.7, 0.1, 0.3]}
+    base = {"tokens": tokens, "length": length, "candidates": cands, "cand_valid": np.ones((B, K), bool),
+            "action_weights": np.full((B, K), 1.0 / K, np.float32),
+            **{k: np.asarray(v, np.float32) for k, v in fields.items()}}
+    losses = {}
+    for target, field in (("outcome", "outcome"), ("td_lambda", "td_lambda"), ("proven", "proven"),
+                          ("search_q", "search_value")):
+        _, m = selfplay_loss(model, jax.tree.map(jnp.asarray, base), task=NO_TOOL, value_target=target)
+        # the same loss where the outcome field holds this target's values
+        _, as_outcome = selfplay_loss(model, jax.tree.map(jnp.asarray, dict(base, outcome=base[field])), task=NO_TOOL)
+        np.testing.assert_allclose(float(m["value_loss"]), float(as_outcome["value_loss"]), rtol=1e-6)
+        losses[target] = float(m["value_loss"])
+    assert len({round(x, 6) for x in losses.values()}) == 4  # four different targets, four different losses
+
+
 def test_sampled_set_correction_makes_the_searchs_own_prior_a_fixed_point(task):
     """Candidates drawn without replacement: the search's prior is log pi - log q (q = P(drawn)). If the search
     adds nothing (target = softmax of that prior), the corrected loss is already at its minimum (zero policy

@@ -217,6 +217,40 @@ def test_replay_ring_buffer_overwrites_oldest_and_round_trips():
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_replay_labels_each_move_with_proven_solvability_and_restores_replays_saved_before_it(tmp_path):
+    """``proven``: the search from this state or a later one reached a solution, or the episode was solved.
+    A replay checkpointed before the target existed restores, with the outcome in its place."""
+    from alphareason.search.episodes import EpisodeBatch, MoveRecord
+    B, T, K, S = 2, 6, 2, 3
+
+    def move(found, active):
+        return MoveRecord(tokens=np.ones((B, T), np.int32), length=np.full((B,), 2, np.int32),
+                          candidates=np.zeros((B, K, S), np.int32), cand_valid=np.ones((B, K), bool),
+                          action_weights=np.full((B, K), 0.5, np.float32), cand_log_inclusion=np.zeros((B, K)),
+                          search_value=np.full((B,), 0.5, np.float32), search_solved=np.array(found),
+                          network_value=np.zeros((B,), np.float32), action=np.zeros((B,), np.int32),
+                          active=np.array(active))
+    # row 0: unsolved, its second search found a solution; row 1: solved in two moves, no search found one
+    moves = [move([False, False], [True, True]), move([True, False], [True, True]), move([False, True], [True, False])]
+    batch = EpisodeBatch(problems=[{}, {}], texts=["", ""], verdicts=[None, None], solved=np.array([False, True]),
+                         token_forwards=np.zeros(B, np.int64), computed_token_forwards=np.zeros(B, np.int64),
+                         moves=moves, num_steps=np.array([3, 2]))
+    buf = ReplayBuffer(8, seq_len=T, num_candidates=K, step_len=S)
+    assert buf.add_episodes(batch, prompt_lengths=[1, 1]) == 5
+    # moves go in move by move: (row 0, row 1), (row 0, row 1), (row 0)
+    np.testing.assert_array_equal(buf.moves["outcome"][:5], [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(buf.moves["proven"][:5], [1, 1, 1, 1, 0])
+    old = buf.state_dict()
+    old["moves"] = {k: v for k, v in old["moves"].items() if k != "proven"}
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, {"w": np.zeros(2, np.float32)}, {"step": 1}, replay=old)
+    copy = ReplayBuffer(8, seq_len=T, num_candidates=K, step_len=S)
+    items, _ = ckpt.restore_items({"replay": copy.restore_template})
+    copy.load_state_dict(items["replay"])
+    np.testing.assert_array_equal(copy.moves["proven"], buf.moves["outcome"])
+    np.testing.assert_array_equal(copy.moves["td_lambda"], buf.moves["td_lambda"])
+
+
 def test_interrupted_or_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """A save that dies half-way (kill, full disk) leaves the last complete checkpoint readable."""
     ckpt = Checkpointer(tmp_path / "ckpt")

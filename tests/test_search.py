@@ -365,6 +365,22 @@ def test_sampled_candidates_with_duplicates_are_masked_as_duplicates(setup, resu
     assert found >= 1, "no valid duplicate was proposed; the test does not test anything"
 
 
+def test_search_solved_says_whether_the_tree_reached_a_solved_chain(setup, results, trained):
+    """``search_solved`` (the ``proven`` value target's evidence) is true exactly where some edge of the tree
+    earned the verifier's reward of 1; the enumerated search reaches solutions of some problems, not all."""
+    problems = setup["task"].generate(1, 12)
+    seen = []
+    for seed in range(4):
+        for name, params in (("enumerate", None), ("distinct", trained["params"])):
+            res = results(name, params=params, problems=problems[3 * seed: 3 * seed + 3], seed=seed)
+            t = numpy_tree(res)
+            for b in range(3):
+                rewarded = any(t.children_rewards[b, p, a] == 1.0 for p, a, _ in visited_edges(t, b))
+                assert bool(res.search_solved[b]) == rewarded, (name, seed, b)
+                seen.append(rewarded)
+    assert any(seen) and not all(seen), seen
+
+
 # ------------------------------------------------------------------ terminal handling
 @pytest.mark.parametrize("name", ["sample", "enumerate"])
 def test_terminal_rewards_discounts_values_and_copies(setup, results, name):

@@ -521,6 +521,15 @@ def test_lambda_returns_mix_search_values_and_the_outcome():
     np.testing.assert_allclose(lambda_returns(v, z, 0.5), [g0, g1, g2], rtol=1e-6)
 
 
+def test_proven_solvable_states_are_those_before_a_solution_the_search_or_the_episode_found():
+    from alphareason.train.replay import proven_solvable
+    np.testing.assert_array_equal(proven_solvable(np.array([False, True, False]), 0.0), [1, 1, 0])
+    np.testing.assert_array_equal(proven_solvable(np.array([False, False, False]), 1.0), [1, 1, 1])
+    np.testing.assert_array_equal(proven_solvable(np.array([False, False, False]), 0.0), [0, 0, 0])
+    np.testing.assert_array_equal(proven_solvable(np.array([True, False]), 0.0), [1, 0])
+    assert proven_solvable(np.zeros((0,), bool), 1.0).shape == (0,)
+
+
 def test_report_says_where_each_algorithms_compute_went(tmp_path):
     """Self-play and learner token forwards, the learner's rows and the problems played, mean over seeds, at
     the last iteration; problems played are summed over the self-play records of ``metrics.jsonl``."""

@@ -45,6 +45,7 @@ class MoveRecord:
     action_weights: np.ndarray  # float32[B, K]: search policy (training target)
     cand_log_inclusion: np.ndarray  # float32[B, K]: log P(candidate drawn) of a distinct sample (0 otherwise)
     search_value: np.ndarray  # float32[B]
+    search_solved: np.ndarray  # bool[B]: the search from this state reached a solved chain
     network_value: np.ndarray  # float32[B]
     action: np.ndarray  # int32[B]: the candidate taken (its step: ``candidates[b, action[b]]``)
     active: np.ndarray  # bool[B]: the episode was still running at this move
@@ -129,7 +130,7 @@ class EpisodeRunner:
                     candidates=fetch(result.root.candidates), cand_valid=fetch(result.root.cand_valid),
                     action_weights=fetch(result.action_weights),
                     cand_log_inclusion=fetch(result.root.cand_log_inclusion), search_value=fetch(result.search_value),
-                    network_value=fetch(result.network_value), action=fetch(action), active=active))
+                    search_solved=fetch(result.search_solved), network_value=fetch(result.network_value), action=fetch(action), active=active))
             inputs, _ = self._advance(result.root, action)
             steps += active
             done = fetch(inputs["done"])

@@ -98,6 +98,7 @@ class SearchResult:
     action_weights: jax.Array  # float32[B, K]: the improved policy (training target)
     visit_counts: jax.Array  # int32[B, K]: root children's visits
     search_value: jax.Array  # float32[B]: root value after the search
+    search_solved: jax.Array  # bool[B]: the tree holds a solved chain: the root's state is proven solvable
     network_value: jax.Array  # float32[B]: value head at the root
     root: Node  # root embedding: candidates, their validity and log-likelihoods
     token_forwards: jax.Array  # int32[B]: model token forwards the search needed (charged to the problem)
@@ -252,7 +253,8 @@ class Searcher:
         result = SearchResult(
             action=out.action, action_weights=out.action_weights,
             visit_counts=summary.visit_counts.astype(jnp.int32),
-            search_value=summary.value, network_value=root.value, root=embedding,
+            search_value=summary.value, search_solved=jnp.any(tree.embeddings.solved, axis=-1),
+            network_value=root.value, root=embedding,
             token_forwards=channel["needed"], computed_token_forwards=channel["computed"], tree=tree)
         return jax.tree.map(lambda x: x[0], result)
 

@@ -17,7 +17,10 @@ per step):
   token and the target: the episode's verified outcome (Monte-Carlo return,
   ``value_target="outcome"``), the search's root value (``"search_q"``) or
   the TD(lambda) mix of the following states' search values and the outcome
-  (``"td_lambda"``, ``selfplay.value_lambda``; the replay computes it);
+  (``"td_lambda"``, ``selfplay.value_lambda``; the replay computes it), or
+  whether the state is proven solvable: the search from it or from a later
+  state of the episode reached a solved chain, or the episode was solved
+  (``"proven"``, ``replay.proven_solvable``);
 * optional SFT term: next-token cross-entropy on solved trajectories (the
   expert-iteration / ReST / STaR signal).
 """
@@ -33,7 +36,7 @@ import optax
 from alphareason.search.env import NEG_INF, first_duplicates, score_candidates
 from alphareason.train.losses import sft_loss
 
-VALUE_TARGETS = ("outcome", "search_q", "td_lambda")
+VALUE_TARGETS = ("outcome", "search_q", "td_lambda", "proven")
 POLICY_TARGETS = ("softmax", "likelihood")
 POLICY_MOVES = ("all", "solved")
 
@@ -115,6 +118,7 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
         entropy = -jnp.sum(jnp.where(distinct, pi * log_pi, 0.0), axis=-1)
         invalid_mass = jnp.sum(jnp.where(distinct & ~batch["cand_valid"], pi, 0.0), axis=-1)
         vt = {"outcome": lambda: batch["outcome"], "td_lambda": lambda: batch["td_lambda"],
+              "proven": lambda: batch["proven"],
               "search_q": lambda: jnp.clip(batch["search_value"], 0.0, 1.0)}[value_target]()
         value_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(value_logits, vt))
         value_prob = jax.nn.sigmoid(value_logits)

@@ -604,7 +604,8 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter, *, candidate_
     if use_moves:
         moves = replay.sample_moves(rng, sp.learner_batch_size)
         batch.update({k: moves[k] for k in ("tokens", "length", "candidates", "cand_valid", "action_weights",
-                                            "cand_log_inclusion", "search_value", "outcome", "td_lambda")})
+                                            "cand_log_inclusion", "search_value", "outcome", "td_lambda",
+                                            "proven")})
         batch["candidates"] = batch["candidates"][..., :candidate_width]
     if needs_sft and demo_iter is not None:
         batch["sft"] = next(demo_iter)

@@ -21,7 +21,12 @@ from alphareason import tokenizer as tok
 from alphareason.search.episodes import EpisodeBatch
 
 MOVE_FIELDS = ("tokens", "length", "candidates", "cand_valid", "action_weights", "cand_log_inclusion",
-               "search_value", "outcome", "td_lambda", "action")
+               "search_value", "outcome", "td_lambda", "proven", "action")
+
+
+# Value targets added after replays were first saved: a checkpoint without them restores, with the outcome
+# in their place (``load_state_dict``).
+LATER_TARGETS = ("proven",)
 
 
 def lambda_returns(search_values: np.ndarray, outcome: float, lam: float) -> np.ndarray:
@@ -41,6 +46,19 @@ def lambda_returns(search_values: np.ndarray, outcome: float, lam: float) -> np.
     return out
 
 
+def proven_solvable(search_solved: np.ndarray, outcome: float) -> np.ndarray:
+    """Which of one episode's states are proven solvable: f32[n] (1 or 0) from ``search_solved[n]`` (the search
+    from state t reached a solved chain) and the episode's outcome.
+
+    Each state leads to the next by a legal step, so a state is solvable when any later one on the path is,
+    or when the episode ended solved: ``proven[t] = max(outcome, search_solved[t:])``. Exact where it is 1
+    (the verifier's verdict on a chain the search wrote, no oracle); a 0 says only that neither the
+    searches from here on nor the episode found a solution (MCTS-Solver's proven wins, Winands et al. 2008).
+    """
+    found = np.asarray(search_solved, bool)[::-1]
+    return np.maximum(np.logical_or.accumulate(found)[::-1], float(outcome) > 0.5).astype(np.float32)
+
+
 class ReplayBuffer:
     """``capacity`` moves and ``capacity // 4`` solved trajectories, oldest overwritten first."""
 
@@ -55,7 +73,7 @@ class ReplayBuffer:
             "action_weights": np.zeros((C, K), np.float32), "cand_log_inclusion": np.zeros((C, K), np.float32),
             "search_value": np.zeros((C,), np.float32),
             "outcome": np.zeros((C,), np.float32), "td_lambda": np.zeros((C,), np.float32),
-            "action": np.zeros((C,), np.int32),
+            "proven": np.zeros((C,), np.float32), "action": np.zeros((C,), np.int32),
         }
         self.traj_capacity = max(1, C // 4)
         self.trajectories = {"tokens": np.zeros((self.traj_capacity, T), np.int32),
@@ -74,10 +92,12 @@ class ReplayBuffer:
     def add_episodes(self, batch: EpisodeBatch, *, prompt_lengths: list[int]) -> int:
         """Adds every active move of ``batch`` (outcome = the verifier's verdict). Returns moves added."""
         outcome = batch.solved.astype(np.float32)
-        td = {}  # row -> TD(lambda) targets of its moves, in order
+        td, proven = {}, {}  # row -> TD(lambda) targets / proven solvability of its moves, in order
         for r in range(len(batch.problems)):
             values = [m.search_value[r] for m in batch.moves if m.active[r]]
             td[r] = lambda_returns(np.asarray(values), outcome[r], self.value_lambda)
+            proven[r] = proven_solvable(np.asarray([m.search_solved[r] for m in batch.moves if m.active[r]], bool),
+                                        outcome[r])
         added, taken = 0, np.zeros((len(batch.problems),), np.int64)
         for move in batch.moves:
             rows = np.nonzero(move.active)[0]
@@ -86,7 +106,8 @@ class ReplayBuffer:
                                 "candidates": move.candidates[r], "cand_valid": move.cand_valid[r],
                                 "action_weights": move.action_weights[r],
                                 "cand_log_inclusion": move.cand_log_inclusion[r], "search_value": move.search_value[r],
-                                "outcome": outcome[r], "td_lambda": td[r][taken[r]], "action": move.action[r]})
+                                "outcome": outcome[r], "td_lambda": td[r][taken[r]], "proven": proven[r][taken[r]],
+                                "action": move.action[r]})
                 taken[r] += 1
                 added += 1
         if batch.moves:
@@ -127,14 +148,19 @@ class ReplayBuffer:
         return {"moves": dict(self.moves), "trajectories": dict(self.trajectories), "counters": self.counters}
 
     def restore_template(self, saved_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
-        """The structure to restore a checkpoint's ``replay`` into: this buffer's, saved at its full capacity."""
-        del saved_shapes
-        return self.state_dict()
+        """The structure to restore a checkpoint's ``replay`` into: this buffer's, saved at its full capacity,
+        less the value targets a replay saved before them lacks (``load_state_dict`` fills them in)."""
+        state = self.state_dict()
+        if saved_shapes is not None:
+            state["moves"] = {k: v for k, v in state["moves"].items()
+                              if k not in LATER_TARGETS or f"moves.{k}" in saved_shapes}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.moves = {k: np.asarray(v) for k, v in state["moves"].items()}
         self.moves.setdefault("td_lambda", self.moves["outcome"].copy())  # replays saved before TD(lambda) targets
         self.moves.setdefault("cand_log_inclusion", np.zeros_like(self.moves["action_weights"]))  # and before this
+        self.moves.setdefault("proven", self.moves["outcome"].copy())  # and before proven solvability
         self.trajectories = {k: np.asarray(v) for k, v in state["trajectories"].items()}
         self.counters = np.asarray(state["counters"], np.int64).copy()
 
