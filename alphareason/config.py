@@ -124,6 +124,9 @@ def default_config() -> ConfigDict:
     # InstructGPT's pretraining mix). Expert iteration always imitates its solved episodes.
     c.selfplay.sft_source = "solved"
     c.selfplay.value_target = "outcome"  # "outcome" | "search_q" | "td_lambda" | "proven"
+    # > 0 (enumerated candidates): the learner also fits the value, at this weight, to the states of the
+    # search trees that the trees proved solvable or unsolvable (replay.proven_tree_nodes), off the played path
+    c.selfplay.tree_value_weight = 0.0
     c.selfplay.value_lambda = 0.8  # td_lambda: weight of the longer returns (1: the outcome, 0: the next search value)
     # "softmax": CE between action_weights and the softmax of the K candidates' log-likelihoods;
     # "likelihood": -sum_k action_weights[k] * log p(candidate k) (the sequences' own probabilities).

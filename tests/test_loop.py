@@ -182,6 +182,8 @@ def test_alphazero_anchored_to_the_demonstrations_learns_from_them(tmp_path, mon
     ("search.policy", "uct", "search.policy='uct'"),
     ("search.candidates", "beam", "choose 'sample' or 'enumerate'"),
     ("search.max_depth", 1, "search.max_depth=1 is below the 2 steps"),
+    ("selfplay.tree_value_weight", 1.0, "needs search.candidates='enumerate'"),
+    ("selfplay.tree_value_weight", -1.0, "tree_value_weight=-1.0 must be >= 0"),
 ])
 def test_inconsistent_configs_are_refused_before_work(tmp_path, key, value, message):
     config = loop_config()
@@ -249,6 +251,40 @@ def test_replay_labels_each_move_with_proven_solvability_and_restores_replays_sa
     copy.load_state_dict(items["replay"])
     np.testing.assert_array_equal(copy.moves["proven"], buf.moves["outcome"])
     np.testing.assert_array_equal(copy.moves["td_lambda"], buf.moves["td_lambda"])
+
+
+def test_tree_values_learn_from_proven_tree_states_and_resume_exactly(tmp_path, monkeypatch):
+    """tree_value_weight: the replay keeps the states the search trees proved (both labels occur), the learner
+    fits the value to them at the cost its batches have, and a run killed mid-learning resumes exactly."""
+    from alphareason.train import study
+    config = loop_config(tree_value_weight=1.0, learner_steps=2)
+    config.search.candidates = "enumerate"
+    config.search.num_simulations = 16  # a state one step from the end: all its legal steps get expanded
+    config.selfplay.iterations = 1
+    ref_dir, workdir = str(tmp_path / "ref"), str(tmp_path / "run")
+    seen = {}
+    original = ReplayBuffer.add_episodes
+
+    def spy(self, batch, **kw):
+        out = original(self, batch, **kw)
+        seen["labels"] = self.tree_states["label"][: self.num_tree_states].copy()
+        return out
+
+    monkeypatch.setattr(ReplayBuffer, "add_episodes", spy)
+    run_training(config, ref_dir, progress=False, log=lambda *_: None)
+    assert 0 < seen["labels"].mean() < 1  # proven solvable and proven unsolvable states
+    learn = read_metrics(ref_dir, "selfplay")[0]
+    assert learn["learn_tree_value_loss"] > 0
+    rows = read_metrics(ref_dir, "eval")
+    cost = study.learner_step_cost(config, make_task(config))
+    assert rows[-1]["learner_token_forwards"] == config.selfplay.learner_steps * cost
+    kill_at(monkeypatch, "learn", 1, 2)
+    with pytest.raises(Killed):
+        run_training(config, workdir, progress=False, log=lambda *_: None)
+    run_training(config, workdir, progress=False, log=lambda *_: None)
+    got, _ = _params(config, workdir)
+    want, _ = _params(config, ref_dir)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
 
 
 def test_interrupted_or_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -381,6 +381,58 @@ def test_search_solved_says_whether_the_tree_reached_a_solved_chain(setup, resul
     assert any(seen) and not all(seen), seen
 
 
+def test_proven_tree_nodes_follow_mcts_solver_rules():
+    """Solvable: a solvable child; unsolvable: every valid candidate expanded into an unsolvable child."""
+    from alphareason.train.replay import proven_tree_nodes
+    # 0 (root) -> 1 (live), 2 (unsolved terminal); 1 -> 3 (unsolved terminal), 4 (live, not expanded further)
+    # 5: a node never visited
+    parents = np.array([-1, 0, 0, 1, 1, -1])
+    children = np.array([[1, 2, -1], [3, 4, -1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1]])
+    visits = np.array([5, 3, 1, 1, 1, 0])
+    done = np.array([False, False, True, True, False, False])
+    solved = np.zeros(6, bool)
+    valid = np.array([[True, True, False], [True, True, False], [False] * 3, [False] * 3, [True, True, True],
+                      [True] * 3])
+    # 4 is unexplored: nothing proven about it, so neither about 1 nor about the root
+    np.testing.assert_array_equal(proven_tree_nodes(parents, children, visits, done, solved, valid),
+                                  [-1, -1, -1, -1, -1, -1])
+    # 4 without any valid step: it loses, so does 1, and so the root (its third candidate is invalid)
+    no_step = valid.copy()
+    no_step[4] = False
+    np.testing.assert_array_equal(proven_tree_nodes(parents, children, visits, done, solved, no_step),
+                                  [0, 0, -1, -1, 0, -1])
+    # the root's third candidate valid but never expanded: the root is not proven
+    wider = no_step.copy()
+    wider[0, 2] = True
+    np.testing.assert_array_equal(proven_tree_nodes(parents, children, visits, done, solved, wider),
+                                  [-1, 0, -1, -1, 0, -1])
+    # 3 solved: 1 and the root are solvable, whatever else is unexplored
+    won = solved.copy()
+    won[3] = True
+    np.testing.assert_array_equal(proven_tree_nodes(parents, children, visits, done, won, wider),
+                                  [1, 1, -1, -1, 0, -1])
+
+
+def test_the_enumerated_trees_proofs_agree_with_the_exact_solver(setup, results):
+    """Every state an enumerated search tree proves solvable (unsolvable) is solvable (unsolvable) by the
+    task's exact solver; the trees prove both kinds."""
+    from alphareason.search.episodes import proven_tree_states
+    task = setup["task"]
+    problems = task.generate(1, 12)
+    counts = {0: 0, 1: 0}
+    for seed in range(4):
+        batch = problems[3 * seed: 3 * seed + 3]
+        res = results("enumerate", problems=batch, seed=seed)
+        states = proven_tree_states(res.tree)
+        for b, problem in enumerate(batch):
+            prompt_len = len(tok.encode(task.prompt(problem), bos=True))
+            for m in np.nonzero(states["label"][b] >= 0)[0]:
+                text = tok.decode(states["tokens"][b, m, prompt_len: states["length"][b, m]])
+                assert task.solvable_after(problem, text) == bool(states["label"][b, m]), (text, problem)
+                counts[int(states["label"][b, m])] += 1
+    assert counts[0] > 0 and counts[1] > 0, counts
+
+
 # ------------------------------------------------------------------ terminal handling
 @pytest.mark.parametrize("name", ["sample", "enumerate"])
 def test_terminal_rewards_discounts_values_and_copies(setup, results, name):

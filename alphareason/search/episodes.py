@@ -49,6 +49,9 @@ class MoveRecord:
     network_value: np.ndarray  # float32[B]
     action: np.ndarray  # int32[B]: the candidate taken (its step: ``candidates[b, action[b]]``)
     active: np.ndarray  # bool[B]: the episode was still running at this move
+    # ``EpisodeRunner(tree_states=True)``: the search tree's nodes, ``M = N + 1`` per row: ``tokens`` int32[B, M, T],
+    # ``length`` int32[B, M] and ``label`` int8[B, M] (``replay.proven_tree_nodes``: 1 / 0 proven, -1 not)
+    tree_states: dict[str, np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -82,8 +85,14 @@ def choose_actions(key, visit_counts, action_weights, *, temperature: float):
 class EpisodeRunner:
     """Runs episodes with a ``Searcher``; compiled pieces are cached on the instance."""
 
-    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None):
-        """The searcher's mesh (``Searcher(mesh=...)``), if any, is where the problems go."""
+    def __init__(self, searcher: Searcher, *, action_temperature: float = 0.0, max_moves: int | None = None,
+                 tree_states: bool = False):
+        """The searcher's mesh (``Searcher(mesh=...)``), if any, is where the problems go. ``tree_states``: each
+        recorded move also holds its search tree's states and what the tree proved about them (the searcher
+        must keep its trees)."""
+        if tree_states and not searcher.keep_tree:
+            raise ValueError("tree_states needs the search trees: build the Searcher with keep_tree=True")
+        self.tree_states = tree_states
         self.searcher = searcher
         self.env = searcher.env
         self.task = searcher.task
@@ -130,12 +139,27 @@ class EpisodeRunner:
                     candidates=fetch(result.root.candidates), cand_valid=fetch(result.root.cand_valid),
                     action_weights=fetch(result.action_weights),
                     cand_log_inclusion=fetch(result.root.cand_log_inclusion), search_value=fetch(result.search_value),
-                    search_solved=fetch(result.search_solved), network_value=fetch(result.network_value), action=fetch(action), active=active))
+                    search_solved=fetch(result.search_solved), network_value=fetch(result.network_value),
+                    action=fetch(action), active=active,
+                    tree_states=proven_tree_states(result.tree, fetch) if self.tree_states else None))
             inputs, _ = self._advance(result.root, action)
             steps += active
             done = fetch(inputs["done"])
         tokens, length = fetch(inputs["tokens"]), fetch(inputs["length"])
         return finish_batch(self.task, problems, tokens, length, forwards, moves, steps, computed)
+
+
+def proven_tree_states(tree, fetch=np.asarray) -> dict[str, np.ndarray]:
+    """Every node's state of a batch of search trees and what its tree proved about it:
+    ``{"tokens": int32[B, M, T], "length": int32[B, M], "label": int8[B, M]}`` (``M = N + 1``;
+    ``replay.proven_tree_nodes``)."""
+    from alphareason.train.replay import proven_tree_nodes
+    emb = tree.embeddings
+    parents, children, visits = fetch(tree.parents), fetch(tree.children_index), fetch(tree.node_visits)
+    done, solved, valid = fetch(emb.done), fetch(emb.solved), fetch(emb.cand_valid)
+    label = np.stack([proven_tree_nodes(parents[b], children[b], visits[b], done[b], solved[b], valid[b])
+                      for b in range(len(visits))])
+    return {"tokens": fetch(emb.tokens), "length": fetch(emb.length), "label": label}
 
 
 def prompt_lengths(task, problems: list[Problem]) -> list[int]:

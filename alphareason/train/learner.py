@@ -63,7 +63,7 @@ def candidate_logits(model, task, tokens, length, candidates, mask, *, length_no
 def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 1.0, value_weight: float = 1.0,
                   sft_weight: float = 0.0, value_target: str = "outcome",
                   length_normalize: bool = False, policy_target: str = "softmax",
-                  sampled_set_correction: bool = True, policy_moves: str = "all"):
+                  sampled_set_correction: bool = True, policy_moves: str = "all", tree_value_weight: float = 0.0):
     """Total loss and metrics for one learner batch.
 
     ``batch`` holds the replay fields (``tokens, length, candidates,
@@ -82,6 +82,10 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
 
     ``policy_moves="solved"``: the policy term averages over the moves of solved episodes only
     (``outcome`` 1); the value term still uses every move.
+
+    ``tree_value_weight > 0`` with ``tree_states`` in the batch (``tokens`` int32[B, T], ``length`` int32[B],
+    ``label`` float32[B]): the value head at each state's last token against what its search tree proved
+    (``replay.proven_tree_nodes``), cross-entropy.
     """
     if policy_target not in POLICY_TARGETS:
         raise ValueError(f"selfplay.policy_target={policy_target!r}; choose one of {POLICY_TARGETS}")
@@ -127,6 +131,14 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
                        value_brier=jnp.mean((value_prob - batch["outcome"]) ** 2),
                        target_agreement=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(target, -1)),
                        invalid_mass=jnp.mean(invalid_mass))
+    if tree_value_weight and "tree_states" in batch:
+        states = batch["tree_states"]
+        _, values = model(states["tokens"])  # [B, T]
+        last = jnp.take_along_axis(values, (states["length"] - 1)[:, None], axis=1)[:, 0]
+        tree_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(last, states["label"]))
+        loss = loss + tree_value_weight * tree_loss
+        metrics.update(tree_value_loss=tree_loss, tree_value_accuracy=jnp.mean((last > 0) == (states["label"] > 0.5)),
+                       tree_label_mean=jnp.mean(states["label"]))
     if sft_weight and "sft" in batch:
         sft, sft_metrics = sft_loss(model, batch["sft"], policy_weight=1.0, value_weight=0.0)
         loss = loss + sft_weight * sft

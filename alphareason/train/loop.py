@@ -77,6 +77,7 @@ from alphareason.train.sft import TrainingDiverged, train_sft
 
 ALGORITHMS = ("alphazero", "expert_iteration", "sft_only", "grpo")
 SFT_SOURCES = ("solved", "demonstrations")  # the chains of alphazero's SFT term (selfplay.sft_source)
+TREE_STATES_PER_MOVE = 4  # the replay keeps this many proven tree states per move it keeps (tree_value_weight)
 # Cumulative counters of a run (checkpointed): episodes' token forwards as charged by the search and as computed
 # (padding and finished rows included), the learner's (3 per token for forward + backward), examples learned from.
 TOTALS = ("selfplay_token_forwards", "selfplay_computed_token_forwards", "learner_token_forwards", "learner_examples")
@@ -114,6 +115,16 @@ def validate_config(config: ConfigDict, task: Task, mesh=None) -> None:
         raise ConfigError(f"selfplay.policy_moves={sp.policy_moves!r}; choose one of {', '.join(POLICY_MOVES)}")
     if sp.sft_source not in SFT_SOURCES:
         raise ConfigError(f"selfplay.sft_source={sp.sft_source!r}; choose one of {', '.join(SFT_SOURCES)}")
+    if sp.tree_value_weight < 0:
+        raise ConfigError(f"selfplay.tree_value_weight={sp.tree_value_weight} must be >= 0 (0: off)")
+    if sp.tree_value_weight > 0 and sp.algorithm not in ("alphazero", "expert_iteration"):
+        raise ConfigError(f"selfplay.tree_value_weight={sp.tree_value_weight} fits the value to what the search "
+                          f"trees proved, and {sp.algorithm} searches nothing: set it to 0 or use alphazero or "
+                          f"expert_iteration")
+    if sp.tree_value_weight > 0 and config.search.candidates != "enumerate":
+        raise ConfigError(f"selfplay.tree_value_weight={sp.tree_value_weight} needs search.candidates='enumerate': "
+                          f"a tree proves a state unsolvable only when its candidates are all the legal steps "
+                          f"(with {config.search.candidates!r} candidates its labels would be solvable states only)")
     if sp.sft_source == "demonstrations" and not (sp.algorithm == "alphazero" and sp.sft_weight > 0):
         raise ConfigError(f"selfplay.sft_source='demonstrations' is alphazero's SFT term, which this run does not "
                           f"have (algorithm={sp.algorithm!r}, sft_weight={sp.sft_weight}): set "
@@ -161,13 +172,15 @@ def learner_objective(config: ConfigDict, task: Task) -> Callable:
     weights = {"alphazero": (sp.policy_weight, sp.value_weight, sp.sft_weight),
                "expert_iteration": (0.0, sp.value_weight, 1.0),
                "sft_only": (0.0, 0.0, 1.0)}[sp.algorithm]
+    tree_weight = sp.tree_value_weight if learns_tree_values(sp) else 0.0
 
     def objective(model, batch):
         return selfplay_loss(model, batch, policy_weight=weights[0], value_weight=weights[1],
                              sft_weight=weights[2], value_target=sp.value_target, task=task,
                              length_normalize=config.search.length_normalize,
                              policy_target=sp.policy_target,
-                             sampled_set_correction=sp.sampled_set_correction, policy_moves=sp.policy_moves)
+                             sampled_set_correction=sp.sampled_set_correction, policy_moves=sp.policy_moves,
+                             tree_value_weight=tree_weight)
 
     return objective
 
@@ -247,11 +260,14 @@ class SelfPlayLoop:
                                        phase=None if config.grpo.reference else "sft")[0]
                 self.reference = place_state(nnx.state(ref_model), self.mesh)
         else:
+            tree_values = learns_tree_values(sp)
             searcher = Searcher(task, nnx.split(model)[0], env_config(config), search_config(config),
-                                seq_len=self.seq_len, mesh=self.mesh)  # each device searches its own problems
+                                seq_len=self.seq_len, mesh=self.mesh,  # each device searches its own problems
+                                keep_tree=tree_values)
             replay = ReplayBuffer(sp.replay_capacity, seq_len=self.seq_len, num_candidates=searcher.num_candidates,
-                                  step_len=task.max_step_len, value_lambda=sp.value_lambda)
-            self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature)
+                                  step_len=task.max_step_len, value_lambda=sp.value_lambda,
+                                  tree_capacity=TREE_STATES_PER_MOVE * sp.replay_capacity if tree_values else 0)
+            self.episodes = EpisodeRunner(searcher, action_temperature=sp.action_temperature, tree_states=tree_values)
         self.ckpt = Checkpointer(checkpoint_dir(workdir, "selfplay"))
         self.writer = MetricsWriter(workdir, enabled=main)
         self.it = IterationState(state=state, replay=replay)
@@ -556,7 +572,10 @@ def _mean_metrics(pending: list[dict[str, Any]], it: int) -> dict[str, float]:
 def _truncate(batch, n: int):
     """Drops the padding rows of an episode batch."""
     import dataclasses as dc
-    moves = [dc.replace(m, **{f.name: getattr(m, f.name)[:n] for f in dc.fields(m)}) for m in batch.moves]
+    def rows(x):  # an array, or the dict of arrays that tree_states is (None where not recorded)
+        return None if x is None else {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
+
+    moves = [dc.replace(m, **{f.name: rows(getattr(m, f.name)) for f in dc.fields(m)}) for m in batch.moves]
     return dc.replace(batch, problems=batch.problems[:n], texts=batch.texts[:n], verdicts=batch.verdicts[:n],
                       solved=batch.solved[:n], token_forwards=batch.token_forwards[:n], moves=moves,
                       num_steps=batch.num_steps[:n])
@@ -572,6 +591,8 @@ def learner_token_forwards(batch: dict[str, Any]) -> int:
         n += B * (T + K * S)
     if "sft" in batch:
         n += int(np.asarray(batch["sft"]["tokens"]).size)
+    if "tree_states" in batch:  # one pass over each proven tree state
+        n += int(np.asarray(batch["tree_states"]["tokens"]).size)
     return 3 * n
 
 
@@ -579,6 +600,11 @@ def learner_candidate_width(config, task) -> int | None:
     """The tokens of each candidate a learner batch keeps: with enumerated candidates the model-written ones
     (``Task.legal_written_len``, the only ones a legal step's score reads); None (all) otherwise."""
     return task.legal_written_len() if config.search.candidates == "enumerate" else None
+
+
+def learns_tree_values(sp) -> bool:
+    """Whether the learner also fits the value to the states its search trees proved (``tree_value_weight``)."""
+    return sp.algorithm in ("alphazero", "expert_iteration") and sp.tree_value_weight > 0
 
 
 def learner_batch_parts(sp) -> tuple[bool, bool]:
@@ -607,6 +633,10 @@ def _learner_batch(replay: ReplayBuffer, rng, sp, task, demo_iter, *, candidate_
                                             "cand_log_inclusion", "search_value", "outcome", "td_lambda",
                                             "proven")})
         batch["candidates"] = batch["candidates"][..., :candidate_width]
+    if learns_tree_values(sp):
+        states = replay.sample_tree_states(rng, sp.learner_batch_size)
+        if states is not None:
+            batch["tree_states"] = states
     if needs_sft and demo_iter is not None:
         batch["sft"] = next(demo_iter)
     elif needs_sft:

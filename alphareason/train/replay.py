@@ -59,10 +59,48 @@ def proven_solvable(search_solved: np.ndarray, outcome: float) -> np.ndarray:
     return np.maximum(np.logical_or.accumulate(found)[::-1], float(outcome) > 0.5).astype(np.float32)
 
 
-class ReplayBuffer:
-    """``capacity`` moves and ``capacity // 4`` solved trajectories, oldest overwritten first."""
+def proven_tree_nodes(parents: np.ndarray, children: np.ndarray, visits: np.ndarray, done: np.ndarray,
+                      solved: np.ndarray, cand_valid: np.ndarray) -> np.ndarray:
+    """What one search tree proves about its live nodes (MCTS-Solver): int8[N+1], 1 solvable, 0 unsolvable,
+    -1 not proven (and every terminal or unvisited node).
 
-    def __init__(self, capacity: int, *, seq_len: int, num_candidates: int, step_len: int, value_lambda: float = 1.0):
+    A live node is solvable when one of its children is (a solved terminal, or a live node proven
+    solvable), and unsolvable when every one of its valid candidates was expanded and each child is an
+    unsolved terminal or proven unsolvable. Unsolvable is only a proof where the candidates are all the
+    legal steps (``search.candidates="enumerate"``). Children come after their parents in mctx's node order,
+    so one pass from the last node back decides them all.
+
+    parents: int[N+1]; children: int[N+1, K] (mctx's ``children_index``, -1: not expanded); visits: int[N+1];
+    done, solved: bool[N+1]; cand_valid: bool[N+1, K].
+    """
+    n = len(visits)
+    win = np.zeros((n,), bool)  # solvable: a solved terminal, or a live node with a solvable child
+    loss = np.zeros((n,), bool)  # unsolvable: an unsolved terminal, or a live node whose every move loses
+    for i in range(n - 1, -1, -1):
+        if visits[i] == 0:
+            continue
+        if done[i]:
+            win[i], loss[i] = bool(solved[i]), not solved[i]
+            continue
+        kids = children[i]
+        expanded = kids >= 0
+        win[i] = bool(np.any(win[kids[expanded]]))
+        valid = np.asarray(cand_valid[i], bool)
+        loss[i] = not win[i] and bool(np.all(expanded[valid])) and bool(np.all(loss[kids[valid]]))
+    out = np.full((n,), -1, np.int8)
+    live = (np.asarray(visits) > 0) & ~np.asarray(done, bool)
+    out[live & win] = 1
+    out[live & loss] = 0
+    return out
+
+
+class ReplayBuffer:
+    """``capacity`` moves and ``capacity // 4`` solved trajectories, oldest overwritten first; with
+    ``tree_capacity`` also that many states of the search trees that the trees proved solvable or not
+    (``proven_tree_nodes``; ``EpisodeRunner(tree_states=True)`` records them)."""
+
+    def __init__(self, capacity: int, *, seq_len: int, num_candidates: int, step_len: int, value_lambda: float = 1.0,
+                 tree_capacity: int = 0):
         if capacity <= 0:
             raise ValueError(f"selfplay.replay_capacity must be > 0, got {capacity}")
         C, T, K, S = capacity, seq_len, num_candidates, step_len
@@ -80,6 +118,10 @@ class ReplayBuffer:
                              "prompt_length": np.ones((self.traj_capacity,), np.int32),
                              "length": np.ones((self.traj_capacity,), np.int32)}
         self.counters = np.zeros((4,), np.int64)  # move insert, move size, traj insert, traj size
+        self.tree_capacity = tree_capacity
+        self.tree_states = ({"tokens": np.zeros((tree_capacity, T), np.int32), "length": np.ones((tree_capacity,), np.int32),
+                             "label": np.zeros((tree_capacity,), np.float32)} if tree_capacity else None)
+        self.tree_counters = np.zeros((2,), np.int64)  # insert, size
 
     @property
     def size(self) -> int:
@@ -88,6 +130,10 @@ class ReplayBuffer:
     @property
     def num_trajectories(self) -> int:
         return int(self.counters[3])
+
+    @property
+    def num_tree_states(self) -> int:
+        return int(self.tree_counters[1])
 
     def add_episodes(self, batch: EpisodeBatch, *, prompt_lengths: list[int]) -> int:
         """Adds every active move of ``batch`` (outcome = the verifier's verdict). Returns moves added."""
@@ -110,6 +156,15 @@ class ReplayBuffer:
                                 "action": move.action[r]})
                 taken[r] += 1
                 added += 1
+        if self.tree_states is not None:
+            for move in batch.moves:
+                if move.tree_states is None:
+                    raise ValueError("this replay keeps tree states, but the episodes recorded none: run them with "
+                                     "EpisodeRunner(tree_states=True)")
+                label = move.tree_states["label"]
+                for r, m in zip(*np.nonzero((label >= 0) & move.active[:, None])):
+                    self._put_tree_state(move.tree_states["tokens"][r, m], move.tree_states["length"][r, m],
+                                         label[r, m])
         if batch.moves:
             final_tokens, final_length = _final_sequences(batch)
             for r in np.nonzero(batch.solved)[0]:
@@ -131,6 +186,18 @@ class ReplayBuffer:
         self.counters[2] += 1
         self.counters[3] = min(self.counters[3] + 1, self.traj_capacity)
 
+    def _put_tree_state(self, tokens, length, label) -> None:
+        i = int(self.tree_counters[0] % self.tree_capacity)
+        self.tree_states["tokens"][i], self.tree_states["length"][i], self.tree_states["label"][i] = tokens, length, label
+        self.tree_counters[0] += 1
+        self.tree_counters[1] = min(self.tree_counters[1] + 1, self.tree_capacity)
+
+    def sample_tree_states(self, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray] | None:
+        if not self.num_tree_states:
+            return None
+        idx = rng.integers(0, self.num_tree_states, size=batch_size)
+        return {k: v[idx] for k, v in self.tree_states.items()}
+
     def sample_moves(self, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
         if self.size == 0:
             raise ValueError("the replay buffer is empty: self-play produced no moves")
@@ -145,7 +212,10 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"moves": dict(self.moves), "trajectories": dict(self.trajectories), "counters": self.counters}
+        out = {"moves": dict(self.moves), "trajectories": dict(self.trajectories), "counters": self.counters}
+        if self.tree_states is not None:
+            out.update(tree_states=dict(self.tree_states), tree_counters=self.tree_counters)
+        return out
 
     def restore_template(self, saved_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
         """The structure to restore a checkpoint's ``replay`` into: this buffer's, saved at its full capacity,
@@ -154,6 +224,8 @@ class ReplayBuffer:
         if saved_shapes is not None:
             state["moves"] = {k: v for k, v in state["moves"].items()
                               if k not in LATER_TARGETS or f"moves.{k}" in saved_shapes}
+            if "tree_counters" not in saved_shapes:  # saved without tree states: they start empty
+                state.pop("tree_states", None), state.pop("tree_counters", None)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -163,6 +235,9 @@ class ReplayBuffer:
         self.moves.setdefault("proven", self.moves["outcome"].copy())  # and before proven solvability
         self.trajectories = {k: np.asarray(v) for k, v in state["trajectories"].items()}
         self.counters = np.asarray(state["counters"], np.int64).copy()
+        if self.tree_states is not None and "tree_states" in state:
+            self.tree_states = {k: np.asarray(v) for k, v in state["tree_states"].items()}
+            self.tree_counters = np.asarray(state["tree_counters"], np.int64).copy()
 
 
 def _final_sequences(batch: EpisodeBatch) -> tuple[np.ndarray, np.ndarray]:

@@ -98,7 +98,8 @@ def learner_step_cost(config: ConfigDict, task) -> int:
     with the shapes the loop's learner batches have (the values do not matter)."""
     from alphareason.run import env_config, make_model_config
     from alphareason.search.env import ReasoningEnv
-    from alphareason.train.loop import learner_batch_parts, learner_candidate_width, learner_token_forwards
+    from alphareason.train.loop import (learner_batch_parts, learner_candidate_width, learner_token_forwards,
+                                        learns_tree_values)
     sp, T = config.selfplay, make_model_config(config, task).max_len
     B = sp.learner_batch_size
     moves, sft = learner_batch_parts(sp)
@@ -107,6 +108,8 @@ def learner_step_cost(config: ConfigDict, task) -> int:
         K = ReasoningEnv(task, None, env_config(config), seq_len=T).num_candidates
         W = learner_candidate_width(config, task) or task.max_step_len
         batch.update(tokens=np.zeros((B, T), np.int32), candidates=np.zeros((B, K, W), np.int32))
+    if learns_tree_values(sp):
+        batch["tree_states"] = {"tokens": np.zeros((B, T), np.int32)}
     return learner_token_forwards(batch)
 
 
