@@ -119,7 +119,8 @@ class ReplayBuffer:
                              "length": np.ones((self.traj_capacity,), np.int32)}
         self.counters = np.zeros((4,), np.int64)  # move insert, move size, traj insert, traj size
         self.tree_capacity = tree_capacity
-        self.tree_states = ({"tokens": np.zeros((tree_capacity, T), np.int32), "length": np.ones((tree_capacity,), np.int32),
+        self.tree_states = ({"tokens": np.zeros((tree_capacity, T), np.int32),
+                             "length": np.ones((tree_capacity,), np.int32),
                              "label": np.zeros((tree_capacity,), np.float32)} if tree_capacity else None)
         self.tree_counters = np.zeros((2,), np.int64)  # insert, size
 
@@ -188,7 +189,8 @@ class ReplayBuffer:
 
     def _put_tree_state(self, tokens, length, label) -> None:
         i = int(self.tree_counters[0] % self.tree_capacity)
-        self.tree_states["tokens"][i], self.tree_states["length"][i], self.tree_states["label"][i] = tokens, length, label
+        for key, value in (("tokens", tokens), ("length", length), ("label", label)):
+            self.tree_states[key][i] = value
         self.tree_counters[0] += 1
         self.tree_counters[1] = min(self.tree_counters[1] + 1, self.tree_capacity)
 
