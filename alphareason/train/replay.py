@@ -20,8 +20,6 @@ import numpy as np
 from alphareason import tokenizer as tok
 from alphareason.search.episodes import EpisodeBatch
 
-MOVE_FIELDS = ("tokens", "length", "candidates", "cand_valid", "action_weights", "cand_log_inclusion",
-               "search_value", "outcome", "td_lambda", "proven", "action")
 
 
 # Value targets added after replays were first saved: a checkpoint without them restores, with the outcome

@@ -340,9 +340,9 @@ def run_candidates(info: dict[str, Any]) -> str | None:
         return info["search_candidates"]
     if "config" not in info:
         return None
-    overrides = [o.removeprefix("--config.") for o in [*info.get("overrides", []), *info.get("variant_overrides", [])]]
-    try:
-        return load_config(info["config"], overrides).search.candidates
+    try:  # load_config takes overrides with or without their --config. prefix
+        return load_config(info["config"], [*info.get("overrides", []), *info.get("variant_overrides", [])]
+                           ).search.candidates
     except (ConfigError, OSError, ValueError, AttributeError):
         return None
 
@@ -702,8 +702,7 @@ def markdown(study: dict[str, Any]) -> str:
                                   "of the policy's samples and of random legal walks (the states a search over legal "
                                   "steps visits), and at the prompt against whether greedy decoding solves the "
                                   "problem (0.5: no information); the policy's probability of writing a legal step "
-                                  "next, averaged "
-                                  "over the states.", its,
+                                  "next, averaged over the states.", its,
                                   before=("diagnostic",), after=())
         for name, key, a in rows:
             cells = []
