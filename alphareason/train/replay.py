@@ -20,8 +20,6 @@ import numpy as np
 from alphareason import tokenizer as tok
 from alphareason.search.episodes import EpisodeBatch
 
-
-
 # Value targets added after replays were first saved: a checkpoint without them restores, with the outcome
 # in their place (``load_state_dict``).
 LATER_TARGETS = ("proven",)
