@@ -247,7 +247,17 @@ def cmd_bench(args, overrides) -> int:
         from alphareason.bench.search_bench import run_search_bench
         result = run_search_bench(args.out, quick=args.quick, workdir=args.workdir, overrides=overrides)
     elif args.what == "value":
-        from alphareason.bench.value_bench import format_report, run_value_bench
+        from alphareason.bench.value_bench import format_compare, format_report, run_value_bench, run_value_compare
+        if args.compare:
+            for path in args.compare:
+                if not os.path.isfile(path):
+                    raise UsageError(f"--compare {path}: no such file (a JSON result of `alphareason bench value`)")
+            try:
+                result = run_value_compare(args.out, *args.compare)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            print(format_compare(result))
+            return 0
         if not args.workdir:
             raise UsageError("bench value needs --workdir: the trained run whose value head to measure")
         if args.search_simulations < 0:
@@ -368,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the learned value and with a constant one")
     b.add_argument("--phase", choices=["selfplay", "sft"],
                    help="value: the run's newest checkpoint of this phase (default: self-play if present, else SFT)")
+    b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="value: instead of measuring, compare two `bench value` results' walk AUCs on the same "
+                        "states (paired bootstrap over problems: B minus A, its 95%% interval and p)")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     b.add_argument("--config", help="selfplay: the experiment config (default configs/countdown_tiny.py; "

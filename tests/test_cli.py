@@ -249,7 +249,23 @@ def test_bench_value_refuses_a_negative_search_budget_and_a_missing_run(run, tmp
     msg = _error_line(capsys, ["bench", "value", "--workdir", run["workdir"], "--phase", "selfplay",
                                "--out", str(out)])  # an SFT run has no self-play checkpoint to measure
     assert "no selfplay checkpoint" in msg and run["workdir"] in msg
+    msg = _error_line(capsys, ["bench", "value", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                               "--out", str(out)])
+    assert "a.json" in msg and "no such file" in msg
+    old = tmp_path / "old.json"  # a result written before the walk states were kept
+    old.write_text(json.dumps({"walks": {"all": {"auc_vstar": 0.6}}}))
+    msg = _error_line(capsys, ["bench", "value", "--compare", str(old), str(old), "--out", str(out)])
+    assert "walk states" in msg and "rerun" in msg
     assert not out.exists()
+    states = {"problem": [0, 0, 1, 1, 2, 2], "text": ["a", "b", "c", "d", "e", "f"], "depth": [1, 2, 1, 2, 1, 2],
+              "vstar": [1, 0, 0, 1, 1, 0]}
+    for name, value in (("a", [0.9, 0.1, 0.2, 0.8, 0.7, 0.3]), ("b", [0.1, 0.9, 0.8, 0.2, 0.3, 0.7])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"walks": {"states": {**states, "value": value}}}))
+    assert main(["bench", "value", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["walks"]
+    assert result["all"]["auc"] == [1.0, 0.0] and result["all"]["difference"] == -1.0
+    assert set(result) == {"all", "1", "2"} and "b - a -1.000" in capsys.readouterr().out
 
 
 def test_corrupt_checkpoint_says_which_and_where(run, tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 from alphareason.config import ConfigError
 from alphareason.data.loader import encode_example, state_labels
 from alphareason.eval.stats import binomial_two_sided, mcnemar, mean_interval, solve_rate_interval
-from alphareason.eval.value import auc, calibration, chain_states
+from alphareason.eval.value import auc, bootstrap_auc, calibration, chain_states
 from alphareason.tasks import get_task
 
 TASK = get_task("countdown", num_numbers=3, max_number=10, min_target=10, max_target=30, tool="calculator")
@@ -28,6 +28,30 @@ def test_auc_counts_ordered_pairs_and_ties_and_weights():
     pos, neg = np.array([0.5, 1.0]), np.array([0.5, 0.0])
     want = (pos[1] * neg[0] * 1.0 + pos[0] * neg[0] * 0.5) / (pos.sum() * neg.sum())
     assert got == pytest.approx(want)
+
+
+def test_bootstrap_auc_resamples_whole_problems_and_pairs_the_scorers():
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(100), 3)  # 100 problems, 3 states each
+    labels = (rng.random(300) < 0.5).astype(float)
+    good = labels + rng.normal(0, 0.8, 300)  # informative
+    noise = rng.normal(0, 1, 300)
+    out = bootstrap_auc([noise, good], labels, clusters, resamples=500, seed=1)
+    assert out["auc"] == [auc(noise, labels), auc(good, labels)] and out["resamples"] == 500
+    for a, (lo, hi) in zip(out["auc"], out["interval"]):
+        assert lo < a < hi
+    assert out["difference"] == pytest.approx(out["auc"][1] - out["auc"][0])
+    assert out["difference_interval"][0] > 0 and out["p_value"] < 0.01
+    assert bootstrap_auc([noise, good], labels, clusters, resamples=500, seed=1) == out  # seeded
+    same = bootstrap_auc([good, good], labels, clusters, resamples=200)
+    assert same["difference"] == 0 and same["difference_interval"] == [0, 0] and same["p_value"] == 1.0
+    # Every state duplicated within its problem: the same problems are drawn and each AUC is unchanged, so the
+    # intervals are too (a bootstrap over states would narrow them as if there were twice the evidence).
+    twice = bootstrap_auc([np.repeat(noise, 2), np.repeat(good, 2)], np.repeat(labels, 2), np.repeat(clusters, 2),
+                          resamples=500, seed=1)
+    np.testing.assert_allclose(twice["interval"], out["interval"])
+    np.testing.assert_allclose(twice["difference_interval"], out["difference_interval"])
+    assert bootstrap_auc([good], np.ones(300), clusters) is None  # one class: no AUC
 
 
 def test_calibration_brier_and_ece():
@@ -98,7 +122,7 @@ def test_chain_states_are_the_prompt_and_every_valid_step():
 # ------------------------------------------------------------------ value report
 def test_value_report_labels_every_live_state_exactly():
     import jax
-    from alphareason.eval.value import value_report
+    from alphareason.eval.value import compare_walk_values, value_report
     from alphareason.model import ModelConfig
     from alphareason.model.testing import perturbed_model
     model = perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=3)
@@ -113,6 +137,22 @@ def test_value_report_labels_every_live_state_exactly():
     assert walks["walks_per_problem"] == 4 and walks["all"]["states"] == sum(
         r["states"] for r in walks["depths"].values())
     assert set(walks["depths"]) == {1}  # Countdown-3: one live state past the prompt on every walk
+    states = walks["states"]
+    assert len(states["text"]) == walks["all"]["states"] and set(states["depth"]) == {1}
+    assert auc(np.array(states["value"]), np.array(states["vstar"])) == pytest.approx(walks["all"]["auc_vstar"])
+    for i, text, star in zip(states["problem"], states["text"], states["vstar"]):
+        assert float(TASK.solvable_after(problems[i], text)) == star
+    # The walk states depend on the problems and the key, not the model: two models compare state by state.
+    other = value_report(perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=4), TASK, problems,
+                         jax.random.key(0), chains=1, mc_samples=1, batch_size=8)
+    assert other["walks"]["states"]["text"] == states["text"] and other["walks"]["states"]["value"] != states["value"]
+    paired = compare_walk_values(report, other, resamples=200)
+    assert paired["all"]["difference"] == pytest.approx(other["walks"]["all"]["auc_vstar"]
+                                                        - walks["all"]["auc_vstar"])
+    assert compare_walk_values(report, report, resamples=50)["all"]["p_value"] == 1.0
+    fewer = value_report(model, TASK, problems[:3], jax.random.key(0), chains=1, mc_samples=1, batch_size=8)
+    with pytest.raises(ValueError, match="different walk states"):
+        compare_walk_values(report, fewer)
 
 
 def test_walk_states_are_the_live_legal_states_labelled_exactly():

@@ -24,7 +24,7 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
     ``search_simulations > 0``: also MCTS with that many simulations on the first ``search_problems``
     problems, with the learned value and with a constant one (``eval.value.search_with_and_without_value``)."""
     from alphareason.config import apply_overrides, run_config
-    from alphareason.eval.value import search_with_and_without_value, value_report
+    from alphareason.eval.value import search_with_and_without_value, value_report, walk_auc_intervals
     from alphareason.run import env_config, load_model, search_config, split_problems
     config = apply_overrides(run_config(workdir), overrides)
     model, task, meta = load_model(config, workdir, phase=phase)
@@ -35,6 +35,8 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
                           temperature=config.search.candidate_temperature)
     result = {"workdir": os.path.abspath(workdir), "checkpoint": {k: meta.get(k) for k in ("phase", "step")},
               "split": split, "seconds": time.time() - t0, **report}
+    if report.get("walks"):
+        result["walks"]["auc_intervals"] = walk_auc_intervals(report["walks"], seed=seed)
     if search_simulations > 0:
         t0 = time.time()
         result["search"] = search_with_and_without_value(
@@ -45,6 +47,36 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def run_value_compare(out_path: str, a_path: str, b_path: str) -> dict:
+    """Paired bootstrap of two ``bench value`` results' walk AUCs (``eval.value.compare_walk_values``)."""
+    from alphareason.eval.value import compare_walk_values
+    reports = []
+    for path in (a_path, b_path):
+        with open(path) as f:
+            reports.append(json.load(f))
+    result = {"a": os.path.abspath(a_path), "b": os.path.abspath(b_path),
+              "a_workdir": reports[0].get("workdir"), "b_workdir": reports[1].get("workdir"),
+              "walks": compare_walk_values(*reports)}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def format_compare(result: dict) -> str:
+    """One line per depth: each walk AUC with its interval, the difference, its interval and p."""
+    lines = [f"walk AUC against V*, a = {result['a']}, b = {result['b']} (95% intervals, problems resampled):"]
+    for name, r in result["walks"].items():
+        if r is None:
+            lines.append(f"{name:>6}  -  (one class only)")
+            continue
+        (a, b), ((la, ha), (lb, hb)) = r["auc"], r["interval"]
+        dl, dh = r["difference_interval"]
+        lines.append(f"{name:>6}  a {a:.3f} [{la:.3f}, {ha:.3f}]  b {b:.3f} [{lb:.3f}, {hb:.3f}]  "
+                     f"b - a {r['difference']:+.3f} [{dl:+.3f}, {dh:+.3f}]  p = {r['p_value']:.3g}")
+    return "\n".join(lines)
 
 
 def format_report(result: dict) -> str:
@@ -61,10 +93,14 @@ def format_report(result: dict) -> str:
                  f"(greedy solves {result['greedy_solve_rate']:.1%})")
     if result.get("walks"):
         w = result["walks"]
-        lines.append(f"states along {w['walks_per_problem']} random legal walks a problem, against V*:")
+        lines.append(f"states along {w['walks_per_problem']} random legal walks a problem, against V* "
+                     "(AUC's 95% interval, problems resampled):")
+        intervals = w.get("auc_intervals", {})
         for name, r in [(str(d), r) for d, r in w["depths"].items()] + [("all", w["all"])]:
+            ci = intervals.get(name)
+            ci = f"  [{ci['interval'][0][0]:.3f}, {ci['interval'][0][1]:.3f}]" if ci else ""
             lines.append(f"{name:>6} {r['states']:>7} {f(r.get('solvable')):>6} {r['mean_value']:>7.3f} "
-                         f"{'':>8} {f(r.get('auc_vstar')):>7}")
+                         f"{'':>8} {f(r.get('auc_vstar')):>7}{ci}")
     if "search" in result:
         s = result["search"]
         lines.append(f"MCTS@{s['simulations']} on {s['problems']} problems: {s['learned']:.1%} with the learned "

@@ -108,6 +108,44 @@ def summarize_vstar(v: np.ndarray, vstar: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def bootstrap_auc(scores: Sequence[np.ndarray], labels: np.ndarray, clusters: np.ndarray, *,
+                  resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """95% percentile intervals of the AUCs of several scorers on the same states, and of their difference.
+
+    ``scores``: one f[n] per scorer (a value head), all on the same ``n`` states; ``labels``: f[n], 0/1
+    (``V*``); ``clusters``: int[n], the problem each state comes from. States of one problem are not
+    independent (they share numbers and often a prefix), so each resample draws whole problems with
+    replacement; resamples with one class empty are dropped. The difference is the last scorer's AUC
+    minus the first's, resampled in pairs (the same problems for both), with a two-sided bootstrap p.
+
+    Returns ``{"auc": [a_i], "interval": [[lo_i, hi_i]], "resamples": used}`` and, for two or more
+    scorers, ``"difference"``, ``"difference_interval"``, ``"p_value"``; None when the AUC is undefined.
+    """
+    scores = [np.asarray(s, np.float64) for s in scores]
+    labels = np.asarray(labels, np.float64)
+    point = [auc(s, labels) for s in scores]
+    if any(a is None for a in point):
+        return None
+    ids, members = np.unique(np.asarray(clusters), return_inverse=True)
+    by_cluster = [np.flatnonzero(members == c) for c in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = np.concatenate([by_cluster[c] for c in rng.integers(0, len(ids), len(ids))])
+        a = [auc(s[idx], labels[idx]) for s in scores]
+        if all(x is not None for x in a):
+            draws.append(a)
+    draws = np.asarray(draws)  # [used, scorers]
+    out: dict[str, Any] = {"auc": point, "resamples": int(len(draws)),
+                           "interval": [list(np.percentile(draws[:, i], [2.5, 97.5])) for i in range(len(scores))]}
+    if len(scores) > 1:
+        diff = draws[:, -1] - draws[:, 0]
+        out["difference"] = point[-1] - point[0]
+        out["difference_interval"] = list(np.percentile(diff, [2.5, 97.5]))
+        out["p_value"] = float(min(1.0, 2 * min(np.mean(diff <= 0), np.mean(diff >= 0))))
+    return out
+
+
 # ------------------------------------------------------------------- states
 def chain_states(task: Task, problem: Problem, text: str) -> list[tuple[str, int]]:
     """The states along one chain: ``(prefix text, depth)`` for the prompt and after every valid step.
@@ -223,7 +261,9 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     Returns ``{"depths": {d: summary}, "all": summary, "prompt_auc_greedy": float | None,
     "greedy_solve_rate": float, "walks": {"depths": ..., "all": ...} | None, ...}``; summaries as
     ``summarize`` gives them, those of ``walks`` (``walks`` random legal walks a problem; None for a
-    task without them, or ``walks=0``) as ``summarize_vstar``.
+    task without them, or ``walks=0``) as ``summarize_vstar``. ``walks["states"]`` lists the walk states
+    (problem index, text, depth, ``V*``, value): the states depend only on ``problems`` and ``key``, so
+    two models' reports with the same ones can be compared state by state (``compare_walk_values``).
     """
     problems = list(problems)
     graphdef, params = nnx.split(model)
@@ -276,8 +316,40 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
         wd = np.asarray(w_depth)
         report["walks"] = {"walks_per_problem": walks,
                            "depths": {int(d): summarize_vstar(wv[wd == d], wstar[wd == d]) for d in np.unique(wd)},
-                           "all": summarize_vstar(wv, wstar)}
+                           "all": summarize_vstar(wv, wstar),
+                           "states": {"problem": list(map(int, w_index)), "text": w_text, "depth": list(map(int, wd)),
+                                      "vstar": wstar.tolist(), "value": [round(float(x), 6) for x in wv]}}
     return report
+
+
+def walk_auc_intervals(walks: dict[str, Any], *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """``bootstrap_auc`` of one report's walk values against ``V*``: pooled (``"all"``) and per depth."""
+    st = walks["states"]
+    depth, vstar, value, problem = (np.asarray(st[k]) for k in ("depth", "vstar", "value", "problem"))
+    groups = {"all": np.ones(len(depth), bool), **{str(d): depth == d for d in np.unique(depth)}}
+    return {name: bootstrap_auc([value[m]], vstar[m], problem[m], resamples=resamples, seed=seed)
+            for name, m in groups.items()}
+
+
+def compare_walk_values(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 2000,
+                        seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of two value heads' walk AUCs against ``V*`` on the same states (``b`` minus ``a``).
+
+    ``a``, ``b``: ``value_report`` results (or the JSON ``bench value`` writes) whose ``walks["states"]``
+    are the same states. Pooled (``"all"``) and per depth, as ``bootstrap_auc`` gives them.
+    """
+    sa, sb = (r.get("walks") and r["walks"].get("states") for r in (a, b))
+    if not sa or not sb:
+        raise ValueError("both reports need the walk states (`walks.states`): rerun `alphareason bench value` "
+                         "on each run with this version")
+    if any(sa[k] != sb[k] for k in ("problem", "text", "depth")):
+        raise ValueError("the two reports rank different walk states: run `bench value` on both with the same "
+                         "--problems, split and seed")
+    depth, vstar, problem = (np.asarray(sa[k]) for k in ("depth", "vstar", "problem"))
+    va, vb = np.asarray(sa["value"]), np.asarray(sb["value"])
+    groups = {"all": np.ones(len(depth), bool), **{str(d): depth == d for d in np.unique(depth)}}
+    return {name: bootstrap_auc([va[m], vb[m]], vstar[m], problem[m], resamples=resamples, seed=seed)
+            for name, m in groups.items()}
 
 
 def constant_value(model):
