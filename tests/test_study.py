@@ -150,7 +150,15 @@ def test_value_report_labels_every_live_state_exactly():
     assert paired["all"]["difference"] == pytest.approx(other["walks"]["all"]["auc_vstar"]
                                                         - walks["all"]["auc_vstar"])
     assert compare_walk_values(report, report, resamples=50)["all"]["p_value"] == 1.0
-    fewer = value_report(model, TASK, problems[:3], jax.random.key(0), chains=1, mc_samples=1, batch_size=8)
+    assert report["prompt"]["policy"] == "greedy" and auc(np.array(report["prompt"]["value"]), np.array(
+        report["prompt"]["solved"])) == report["prompt_auc_greedy"]
+    # the prompt's AUC against another policy's outcomes (greedy over the legal steps, for enumerated searches)
+    fewer = value_report(model, TASK, problems[:3], jax.random.key(0), chains=1, mc_samples=1, batch_size=8,
+                         policy_solved=np.array([True, False, False]), policy="greedy over the legal steps")
+    assert fewer["prompt"]["solved"] == [1.0, 0.0, 0.0] and fewer["prompt"]["policy"].endswith("legal steps")
+    assert fewer["prompt_auc_greedy"] == auc(np.array(fewer["prompt"]["value"]), np.array([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="one outcome per problem"):
+        value_report(model, TASK, problems[:3], jax.random.key(0), policy_solved=np.ones(4))
     with pytest.raises(ValueError, match="different walk states"):
         compare_walk_values(report, fewer)
 

@@ -15,6 +15,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 
 def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: str = "validation",
@@ -24,19 +25,29 @@ def run_value_bench(out_path: str, *, workdir: str, problems: int = 200, split: 
     ``search_simulations > 0``: also MCTS with that many simulations on the first ``search_problems``
     problems, with the learned value and with a constant one (``eval.value.search_with_and_without_value``)."""
     from alphareason.config import apply_overrides, run_config
-    from alphareason.eval.value import search_with_and_without_value, value_report, walk_auc_intervals
+    from alphareason.eval.value import bootstrap_auc, search_with_and_without_value, value_report, walk_auc_intervals
     from alphareason.run import env_config, load_model, search_config, split_problems
     config = apply_overrides(run_config(workdir), overrides)
     model, task, meta = load_model(config, workdir, phase=phase)
     split_rows = split_problems(config, workdir, split)
     held_out = split_rows[:problems]
     t0 = time.time()
+    env = env_config(config)
+    policy_solved, policy = None, "greedy"
+    if env.candidates == "enumerate":  # the run's policy-only rate is greedy over the legal steps
+        from alphareason.eval.heldout import EvalSettings, Evaluator
+        rows = Evaluator(model, task, EvalSettings(strategy="greedy", batch_size=100, env=env)).run(
+            held_out, jax.random.key(seed))
+        policy_solved, policy = np.array([r["solved"] for r in rows]), "greedy over the legal steps"
     report = value_report(model, task, held_out, jax.random.key(seed), chains=chains, mc_samples=mc_samples,
-                          temperature=config.search.candidate_temperature)
+                          temperature=config.search.candidate_temperature, policy_solved=policy_solved,
+                          policy=policy)
     result = {"workdir": os.path.abspath(workdir), "checkpoint": {k: meta.get(k) for k in ("phase", "step")},
               "split": split, "seconds": time.time() - t0, **report}
     if report.get("walks"):
         result["walks"]["auc_intervals"] = walk_auc_intervals(report["walks"], seed=seed)
+    result["prompt"]["auc_interval"] = bootstrap_auc(
+        [result["prompt"]["value"]], result["prompt"]["solved"], np.arange(len(held_out)), seed=seed)
     if search_simulations > 0:
         t0 = time.time()
         result["search"] = search_with_and_without_value(
@@ -89,8 +100,11 @@ def format_report(result: dict) -> str:
     for name, r in rows:
         lines.append(f"{name:>6} {r['states']:>7} {f(r.get('solvable')):>6} {r['mean_value']:>7.3f} "
                      f"{r['mean_mc']:>8.3f} {f(r.get('auc_vstar')):>7} {f(r.get('auc_mc')):>7} {r['brier_mc']:>9.3f}")
-    lines.append(f"prompt: AUC against the greedy policy solving the problem {f(result['prompt_auc_greedy'])} "
-                 f"(greedy solves {result['greedy_solve_rate']:.1%})")
+    prompt = result.get("prompt") or {"policy": "greedy", "solve_rate": result["greedy_solve_rate"]}
+    ci = prompt.get("auc_interval")
+    ci = f" [{ci['interval'][0][0]:.3f}, {ci['interval'][0][1]:.3f}]" if ci else ""
+    lines.append(f"prompt: AUC against {prompt['policy']} solving the problem {f(result['prompt_auc_greedy'])}{ci} "
+                 f"(it solves {prompt['solve_rate']:.1%}; {sum(prompt.get('solved', [])):.0f} problems)")
     if result.get("walks"):
         w = result["walks"]
         lines.append(f"states along {w['walks_per_problem']} random legal walks a problem, against V* "

@@ -255,8 +255,13 @@ class ValueProbe:
 
 
 def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains: int = 2, mc_samples: int = 8,
-                 temperature: float = 1.0, batch_size: int = 256, walks: int = 4) -> dict[str, Any]:
+                 temperature: float = 1.0, batch_size: int = 256, walks: int = 4,
+                 policy_solved: np.ndarray | None = None, policy: str = "greedy") -> dict[str, Any]:
     """Value diagnostics of ``model`` on states the policy reaches from ``problems`` (see the module doc).
+
+    The prompt's AUC is against whether ``policy`` solves each problem: ``policy_solved`` (bool[len(problems)],
+    e.g. greedy over the legal steps, the policy of a search that enumerates them), by default the model's
+    own greedy decoding. ``prompt`` lists each problem's prompt value and that outcome.
 
     Returns ``{"depths": {d: summary}, "all": summary, "prompt_auc_greedy": float | None,
     "greedy_solve_rate": float, "walks": {"depths": ..., "all": ...} | None, ...}``; summaries as
@@ -266,6 +271,11 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     two models' reports with the same ones can be compared state by state (``compare_walk_values``).
     """
     problems = list(problems)
+    if policy_solved is not None:
+        policy_solved = np.asarray(policy_solved, np.float64)
+        if policy_solved.shape != (len(problems),):
+            raise ValueError(f"policy_solved has shape {policy_solved.shape}; want one outcome per problem "
+                             f"({len(problems)},)")
     graphdef, params = nnx.split(model)
     probe = ValueProbe(task, graphdef, seq_len=model.config.max_len, batch_size=batch_size)
     empty = [""] * len(problems)
@@ -305,7 +315,10 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     at_prompt = depth == 0
     prompt_values = np.zeros((len(problems),), np.float64)
     prompt_values[np.asarray(state_problem)[at_prompt]] = v[at_prompt]
-    report["prompt_auc_greedy"] = auc(prompt_values, greedy_solved[:, 0])
+    solved = greedy_solved[:, 0] if policy_solved is None else policy_solved
+    report["prompt_auc_greedy"] = auc(prompt_values, solved)
+    report["prompt"] = {"policy": policy, "solve_rate": float(solved.mean()), "solved": solved.tolist(),
+                        "value": [round(float(x), 6) for x in prompt_values]}
     report["walks"] = None
     rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2 ** 31 - 1)))
     w_index, w_text, w_depth = walk_states(task, problems, rng, walks)
