@@ -261,6 +261,7 @@ def test_tree_values_learn_from_proven_tree_states_and_resume_exactly(tmp_path, 
     config.search.candidates = "enumerate"
     config.search.num_simulations = 16  # a state one step from the end: all its legal steps get expanded
     config.selfplay.iterations = 1
+    config.eval.value_problems = 2  # the value's prompt AUC is against the policy-only outcome: greedy, legal steps
     ref_dir, workdir = str(tmp_path / "ref"), str(tmp_path / "run")
     seen = {}
     original = ReplayBuffer.add_episodes
@@ -276,6 +277,7 @@ def test_tree_values_learn_from_proven_tree_states_and_resume_exactly(tmp_path, 
     learn = read_metrics(ref_dir, "selfplay")[0]
     assert learn["learn_tree_value_loss"] > 0
     rows = read_metrics(ref_dir, "eval")
+    assert all("value_prompt_auc_policy" in r for r in rows)
     cost = study.learner_step_cost(config, make_task(config))
     assert rows[-1]["learner_token_forwards"] == config.selfplay.learner_steps * cost
     kill_at(monkeypatch, "learn", 1, 2)

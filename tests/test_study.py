@@ -122,7 +122,7 @@ def test_chain_states_are_the_prompt_and_every_valid_step():
 # ------------------------------------------------------------------ value report
 def test_value_report_labels_every_live_state_exactly():
     import jax
-    from alphareason.eval.value import compare_walk_values, value_report
+    from alphareason.eval.value import compare_walk_values, flat_metrics, value_report
     from alphareason.model import ModelConfig
     from alphareason.model.testing import perturbed_model
     model = perturbed_model(ModelConfig.micro(max_len=TASK.context_len()), seed=3)
@@ -151,12 +151,13 @@ def test_value_report_labels_every_live_state_exactly():
                                                         - walks["all"]["auc_vstar"])
     assert compare_walk_values(report, report, resamples=50)["all"]["p_value"] == 1.0
     assert report["prompt"]["policy"] == "greedy" and auc(np.array(report["prompt"]["value"]), np.array(
-        report["prompt"]["solved"])) == report["prompt_auc_greedy"]
+        report["prompt"]["solved"])) == report["prompt_auc_greedy"] == report["prompt_auc_policy"]
     # the prompt's AUC against another policy's outcomes (greedy over the legal steps, for enumerated searches)
     fewer = value_report(model, TASK, problems[:3], jax.random.key(0), chains=1, mc_samples=1, batch_size=8,
                          policy_solved=np.array([True, False, False]), policy="greedy over the legal steps")
     assert fewer["prompt"]["solved"] == [1.0, 0.0, 0.0] and fewer["prompt"]["policy"].endswith("legal steps")
-    assert fewer["prompt_auc_greedy"] == auc(np.array(fewer["prompt"]["value"]), np.array([1.0, 0.0, 0.0]))
+    assert fewer["prompt_auc_policy"] == auc(np.array(fewer["prompt"]["value"]), np.array([1.0, 0.0, 0.0]))
+    assert "value_prompt_auc_policy" in flat_metrics(fewer) and "value_prompt_auc_policy" not in flat_metrics(report)
     with pytest.raises(ValueError, match="one outcome per problem"):
         value_report(model, TASK, problems[:3], jax.random.key(0), policy_solved=np.ones(4))
     with pytest.raises(ValueError, match="different walk states"):

@@ -103,7 +103,8 @@ def format_report(result: dict) -> str:
     prompt = result.get("prompt") or {"policy": "greedy", "solve_rate": result["greedy_solve_rate"]}
     ci = prompt.get("auc_interval")
     ci = f" [{ci['interval'][0][0]:.3f}, {ci['interval'][0][1]:.3f}]" if ci else ""
-    lines.append(f"prompt: AUC against {prompt['policy']} solving the problem {f(result['prompt_auc_greedy'])}{ci} "
+    lines.append(f"prompt: AUC against {prompt['policy']} solving the problem "
+                 f"{f(result.get('prompt_auc_policy', result['prompt_auc_greedy']))}{ci} "
                  f"(it solves {prompt['solve_rate']:.1%}; {sum(prompt.get('solved', [])):.0f} problems)")
     if result.get("walks"):
         w = result["walks"]

@@ -259,9 +259,11 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
                  policy_solved: np.ndarray | None = None, policy: str = "greedy") -> dict[str, Any]:
     """Value diagnostics of ``model`` on states the policy reaches from ``problems`` (see the module doc).
 
-    The prompt's AUC is against whether ``policy`` solves each problem: ``policy_solved`` (bool[len(problems)],
-    e.g. greedy over the legal steps, the policy of a search that enumerates them), by default the model's
-    own greedy decoding. ``prompt`` lists each problem's prompt value and that outcome.
+    At the prompt, ``prompt_auc_greedy`` is the AUC against whether the model's greedy decoding solves
+    the problem, and ``prompt_auc_policy`` against whether ``policy`` does: ``policy_solved``
+    (bool[len(problems)]; e.g. greedy over the legal steps, the policy-only rate of a search that
+    enumerates them), by default the same greedy decoding. ``prompt`` lists each problem's prompt value
+    and the policy's outcome.
 
     Returns ``{"depths": {d: summary}, "all": summary, "prompt_auc_greedy": float | None,
     "greedy_solve_rate": float, "walks": {"depths": ..., "all": ...} | None, ...}``; summaries as
@@ -315,8 +317,9 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     at_prompt = depth == 0
     prompt_values = np.zeros((len(problems),), np.float64)
     prompt_values[np.asarray(state_problem)[at_prompt]] = v[at_prompt]
+    report["prompt_auc_greedy"] = auc(prompt_values, greedy_solved[:, 0])
     solved = greedy_solved[:, 0] if policy_solved is None else policy_solved
-    report["prompt_auc_greedy"] = auc(prompt_values, solved)
+    report["prompt_auc_policy"] = auc(prompt_values, solved)
     report["prompt"] = {"policy": policy, "solve_rate": float(solved.mean()), "solved": solved.tolist(),
                         "value": [round(float(x), 6) for x in prompt_values]}
     report["walks"] = None
@@ -399,6 +402,8 @@ def flat_metrics(report: dict[str, Any], prefix: str = "value_") -> dict[str, fl
            f"{prefix}auc_vstar": report["after_first_step"].get("auc_vstar"),
            f"{prefix}auc_mc": report["all"]["auc_mc"], f"{prefix}brier_mc": report["all"]["brier_mc"],
            f"{prefix}ece_mc": report["all"]["ece_mc"]}
+    if report["prompt"]["policy"] != "greedy":  # the policy-only rate is another policy's (legal steps)
+        out[f"{prefix}prompt_auc_policy"] = report["prompt_auc_policy"]
     for d, row in report["depths"].items():
         out[f"{prefix}auc_vstar_depth{d}"] = row.get("auc_vstar")
     if report.get("walks"):

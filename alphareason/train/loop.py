@@ -491,9 +491,12 @@ class SelfPlayLoop:
             values["test_greedy_solve_rate"] = float(np.mean([r["solved"] for r in rows]))
         ev = self.config.eval
         if ev.value_problems:
+            enumerated = self.config.search.candidates == "enumerate"  # greedy is over the legal steps
             report = value_report(model, self.task, self.eval_problems[: ev.value_problems],
                                   jax.random.fold_in(key, 1), chains=1, mc_samples=ev.value_mc_samples,
-                                  temperature=self.config.search.candidate_temperature)
+                                  temperature=self.config.search.candidate_temperature,
+                                  policy_solved=[r["solved"] for r in out["greedy"][: ev.value_problems]],
+                                  policy="greedy over the legal steps" if enumerated else "greedy")
             values.update(flat_metrics(report))
         totals = {**self.it.totals, "total_token_forwards": self.it.totals["selfplay_computed_token_forwards"]
                   + self.it.totals["learner_token_forwards"]}
