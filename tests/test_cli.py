@@ -279,3 +279,22 @@ def test_corrupt_checkpoint_says_which_and_where(run, tmp_path, capsys):
                 f.write(b"garbage")
     msg = _error_line(capsys, ["eval", "--workdir", str(workdir)])
     assert "cannot be read" in msg and str(step_dir) in msg and "delete" in msg
+
+
+def test_value_ceiling_fits_exact_labels_on_bench_values_held_out_states(run, tmp_path):
+    """experiments/value_ceiling.py measures on the walk states of `bench value` (same problems and key: the same
+    AUC before any step) and fits its training states' exact labels."""
+    from alphareason.bench.value_bench import run_value_bench
+    from experiments.value_ceiling import main as value_ceiling
+    bench = run_value_bench(str(tmp_path / "bench.json"), workdir=run["workdir"], problems=8, chains=1, mc_samples=1)
+    out = tmp_path / "ceiling.json"
+    assert value_ceiling(["--workdir", run["workdir"], "--out", str(out), "--train-problems", "40",
+                          "--heldout-problems", "8", "--steps", "30", "--eval-every", "15", "--lr-full", "3e-3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["heldout_states"] == bench["walks"]["all"]["states"]
+    for name in ("head", "full"):
+        curve = result["fits"][name]["curve"]
+        assert [row["step"] for row in curve] == [0, 15, 30]
+        assert curve[0]["heldout"]["all"] == pytest.approx(bench["walks"]["all"]["auc_vstar"])
+    full = result["fits"]["full"]["curve"]
+    assert full[-1]["train_auc"] > full[0]["train_auc"] and full[-1]["train_loss"] < full[1]["train_loss"]

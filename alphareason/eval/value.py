@@ -179,6 +179,11 @@ def walk_states(task: Task, problems: Sequence[Problem], rng: np.random.Generato
     return index, texts, depths
 
 
+def walk_rng(key) -> np.random.Generator:
+    """The generator of ``value_report``'s random legal walks from its ``key``: the same key, the same states."""
+    return np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2 ** 31 - 1)))
+
+
 class ValueProbe:
     """Compiled pieces for one model graph and task: values of states, Monte-Carlo rollouts from them."""
 
@@ -323,8 +328,7 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     report["prompt"] = {"policy": policy, "solve_rate": float(solved.mean()), "solved": solved.tolist(),
                         "value": [round(float(x), 6) for x in prompt_values]}
     report["walks"] = None
-    rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2 ** 31 - 1)))
-    w_index, w_text, w_depth = walk_states(task, problems, rng, walks)
+    w_index, w_text, w_depth = walk_states(task, problems, walk_rng(key), walks)
     if w_index:
         wp = [problems[i] for i in w_index]
         wv = probe.values(params, wp, w_text)
