@@ -44,6 +44,7 @@ def test_bootstrap_auc_resamples_whole_problems_and_pairs_the_scorers():
     assert out["difference_interval"][0] > 0 and out["p_value"] < 0.01
     assert bootstrap_auc([noise, good], labels, clusters, resamples=500, seed=1) == out  # seeded
     same = bootstrap_auc([good, good], labels, clusters, resamples=200)
+    assert out["p_value"] >= 2 / 501  # add-one: never 0
     assert same["difference"] == 0 and same["difference_interval"] == [0, 0] and same["p_value"] == 1.0
     # Every state duplicated within its problem: the same problems are drawn and each AUC is unchanged, so the
     # intervals are too (a bootstrap over states would narrow them as if there were twice the evidence).
@@ -455,7 +456,7 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     table = study.markdown(out)
     assert "vs corrected" in table and "66.7%, 33.3%" in table and "-25.0% [" in table
     assert "| corrected | AUC vs V* at step ends | 0.65 [" in table and "| uncorrected | AUC" not in table
-    assert "| corrected | prompt AUC vs greedy | 0.70 |" in table  # one seed: its value, with no interval
+    assert "| corrected | prompt AUC vs free greedy decoding | 0.70 |" in table  # one seed: its value, with no interval
     assert "| corrected | AUC vs V* on legal walks, after step 1 | 0.60 [" in table
     assert "| corrected | policy's mass on legal steps | 0.70 [" in table
     # another reference than alphazero writes its own files, not over study.*

@@ -119,7 +119,8 @@ def bootstrap_auc(scores: Sequence[np.ndarray], labels: np.ndarray, clusters: np
     minus the first's, resampled in pairs (the same problems for both), with a two-sided bootstrap p.
 
     Returns ``{"auc": [a_i], "interval": [[lo_i, hi_i]], "resamples": used}`` and, for two or more
-    scorers, ``"difference"``, ``"difference_interval"``, ``"p_value"``; None when the AUC is undefined.
+    scorers, ``"difference"``, ``"difference_interval"``, ``"p_value"`` (two-sided, add-one: at least
+    ``2 / (resamples + 1)``); None when the AUC is undefined.
     """
     scores = [np.asarray(s, np.float64) for s in scores]
     labels = np.asarray(labels, np.float64)
@@ -142,7 +143,8 @@ def bootstrap_auc(scores: Sequence[np.ndarray], labels: np.ndarray, clusters: np
         diff = draws[:, -1] - draws[:, 0]
         out["difference"] = point[-1] - point[0]
         out["difference_interval"] = list(np.percentile(diff, [2.5, 97.5]))
-        out["p_value"] = float(min(1.0, 2 * min(np.mean(diff <= 0), np.mean(diff >= 0))))
+        n = len(diff)  # add-one: a p of 0 is not something a finite resample can show
+        out["p_value"] = float(min(1.0, 2 * min(np.sum(diff <= 0) + 1, np.sum(diff >= 0) + 1) / (n + 1)))
     return out
 
 

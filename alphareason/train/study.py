@@ -61,7 +61,7 @@ REFERENCE = "alphazero"
 VALUE_DIAGNOSTICS = {"value_auc_vstar": "AUC vs V* at step ends", "value_auc_vstar_walks": "AUC vs V* on legal walks",
                      "value_auc_vstar_walks_depth1": "AUC vs V* on legal walks, after step 1",
                      "value_auc_vstar_walks_depth2": "AUC vs V* on legal walks, after step 2",
-                     "value_prompt_auc_greedy": "prompt AUC vs greedy",
+                     "value_prompt_auc_greedy": "prompt AUC vs free greedy decoding",
                      "value_prompt_auc_policy": "prompt AUC vs greedy over the legal steps",
                      "policy_legal_mass": "policy's mass on legal steps"}
 # What each algorithm name means as config overrides (variants add their own on top).
