@@ -607,3 +607,46 @@ def test_report_says_where_each_algorithms_compute_went(tmp_path):
     table = study.markdown(out)
     assert "| search | 2 | 400 | 800 | 67% | 9 | 50 |" in table
     assert "| demos | 2 | 0 | 1,000 | 100% |  | 200 |" in table
+
+
+def test_value_bench_rows_pair_each_checkpoint_with_the_reference_of_its_seed(tmp_path):
+    """The study report's value table reads RESULTS/value/seed<s>_<name>.json: walk AUCs with their intervals,
+    paired with the reference's file of the same seed where both keep the walk states."""
+    from alphareason.eval.value import walk_auc_intervals
+    from alphareason.train import study
+    rng = np.random.default_rng(0)
+    n = 240
+    states = {"problem": np.repeat(np.arange(60), 4).tolist(), "text": [f"s{i}" for i in range(n)],
+              "depth": ([1, 1, 2, 2] * 60), "vstar": (rng.random(n) < 0.3).astype(float).tolist()}
+    vstar = np.array(states["vstar"])
+
+    def report(values, keep=True):
+        values = np.asarray(values)
+        d = np.array(states["depth"])
+        walks = {"all": {"auc_vstar": auc(values, vstar)},
+                 "depths": {str(k): {"auc_vstar": auc(values[d == k], vstar[d == k])} for k in (1, 2)}}
+        if keep:
+            walks["states"] = {**states, "value": values.tolist()}
+            walks["auc_intervals"] = walk_auc_intervals(walks, resamples=200)
+        return {"checkpoint": {"phase": "selfplay"}, "walks": walks}
+
+    os.makedirs(tmp_path / "value")
+    files = {"seed0_alphazero": report(vstar + rng.normal(0, 1.0, n)),
+             "seed0_alphazero_tree": report(vstar + rng.normal(0, 0.3, n)),
+             "seed1_alphazero_tree": report(rng.random(n)),  # no reference of its seed
+             "seed0_start": report(rng.random(n), keep=False)}  # written before the states were kept
+    for name, r in files.items():
+        (tmp_path / "value" / f"{name}.json").write_text(json.dumps(r))
+    rows = {(r["seed"], r["name"]): r for r in study.value_bench_rows(str(tmp_path))}
+    assert list(rows) == [(0, "alphazero"), (0, "alphazero_tree"), (0, "start"), (1, "alphazero_tree")]
+    tree = rows[0, "alphazero_tree"]
+    assert tree["walks"]["all"]["auc"] == files["seed0_alphazero_tree"]["walks"]["all"]["auc_vstar"]
+    lo, hi = tree["walks"]["all"]["interval"]
+    assert lo < tree["walks"]["all"]["auc"] < hi
+    paired = tree["vs_reference"]["all"]
+    assert paired["difference"] == pytest.approx(tree["walks"]["all"]["auc"] - rows[0, "alphazero"]["walks"]["all"]["auc"])
+    assert paired["difference"] > 0 and paired["p_value"] < 0.05
+    assert "vs_reference" not in rows[0, "alphazero"] and "vs_reference" not in rows[1, "alphazero_tree"]
+    assert rows[0, "start"]["walks"]["all"]["interval"] is None and "vs_reference" not in rows[0, "start"]
+    table = "\n".join(study._value_bench_table({"value_bench": list(rows.values()), "reference": "alphazero"}))
+    assert f"| 0 | alphazero_tree | {tree['walks']['all']['auc']:.2f} [{lo:.2f}, {hi:.2f}] |" in table

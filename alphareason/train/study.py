@@ -547,12 +547,88 @@ def report(results: str, *, title: str | None = None, reference: str = REFERENCE
                 paired = _paired_last(ref, seeds, key)
                 if paired:
                     out.setdefault(field, {})[algorithm] = {"against": reference, **paired}
+    out["value_bench"] = value_bench_rows(results, reference)
     with open(os.path.join(results, f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(markdown(out))
     plot(out, os.path.join(results, f"{name}.png"))
     return out
+
+
+def value_bench_rows(results: str, reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """The value-head measurements kept beside a study: ``RESULTS/value/seed<s>_<name>.json``, each written by
+    ``alphareason bench value`` on one run's checkpoint (``<name>``: an algorithm, or ``start`` for the SFT
+    start). One row per file, sorted by seed then name: the walk AUCs against ``V*`` with their intervals over
+    problems, the prompt AUC against the policy-only outcome, MCTS with the learned against a constant value,
+    and, where both files keep the walk states, the paired bootstrap against ``reference`` of the same seed
+    (``eval.value.compare_walk_values``). Empty without a ``value`` folder."""
+    import re
+    from alphareason.eval.value import compare_walk_values
+    reports = {}
+    for path in sorted(glob.glob(os.path.join(results, "value", "seed*_*.json"))):
+        m = re.fullmatch(r"seed(\d+)_(.+)\.json", os.path.basename(path))
+        if m:
+            with open(path) as f:
+                reports[int(m.group(1)), m.group(2)] = json.load(f)
+    rows = []
+    for (seed, name), r in sorted(reports.items()):
+        walks = r.get("walks") or {}
+        intervals = walks.get("auc_intervals", {})
+        row: dict[str, Any] = {"seed": seed, "name": name, "checkpoint": r.get("checkpoint"), "walks": {}}
+        for group, summary in [("all", walks.get("all"))] + [(str(d), x) for d, x in walks.get("depths", {}).items()]:
+            if summary and summary.get("auc_vstar") is not None:
+                ci = intervals.get(group)
+                row["walks"][group] = {"auc": summary["auc_vstar"], "interval": ci["interval"][0] if ci else None}
+        prompt = r.get("prompt")
+        if prompt and prompt.get("auc_interval"):
+            row["prompt"] = {"policy": prompt["policy"], "auc": prompt["auc_interval"]["auc"][0],
+                             "interval": prompt["auc_interval"]["interval"][0], "solved": int(sum(prompt["solved"]))}
+        if r.get("search"):
+            row["search"] = {k: r["search"][k] for k in ("simulations", "problems", "learned", "constant")}
+            row["search"]["p_value"] = r["search"]["paired"]["p_value"]
+        ref = reports.get((seed, reference))
+        if name != reference and ref and (walks.get("states") and (ref.get("walks") or {}).get("states")):
+            try:
+                row["vs_reference"] = {"against": reference, **compare_walk_values(ref, r)}
+            except ValueError:  # other walk states (another split or key): nothing to pair
+                pass
+        rows.append(row)
+    return rows
+
+
+def _value_bench_table(study: dict[str, Any]) -> list[str]:
+    rows = study.get("value_bench") or []
+    if not rows:
+        return []
+    ref = study.get("reference", REFERENCE)
+
+    def cell(x):
+        if not x:
+            return ""
+        return f"{x['auc']:.2f}" + (f" [{x['interval'][0]:.2f}, {x['interval'][1]:.2f}]" if x.get("interval") else "")
+
+    def paired(x):
+        return "" if not x else (f"{x['difference']:+.2f} [{x['difference_interval'][0]:+.2f}, "
+                                 f"{x['difference_interval'][1]:+.2f}], p = {x['p_value']:.2g}")
+
+    lines = ["", "The value head of each measured checkpoint (`alphareason bench value` into `value/seed<s>_<name>.json`; "
+             "`start`: the SFT start), on the validation problems: AUC against V* on the states of random legal walks, "
+             "pooled and after step 1 and 2, with 95% intervals that resample problems (they cover the choice of "
+             "problems, not of seeds); the paired difference from the reference's value of the same seed, on the same "
+             "states; the prompt's AUC against whether the policy-only decoding solves the problem (positives: the "
+             "problems it solves); MCTS with the learned value against a constant one.", "",
+             f"| seed | checkpoint | walk AUC | after step 1 | after step 2 | vs {ref}: pooled | vs {ref}: after step 1 "
+             "| prompt AUC (positives) | MCTS, learned / constant value |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, vs = r["walks"], r.get("vs_reference") or {}
+        prompt = f"{cell(r['prompt'])} ({r['prompt']['solved']})" if r.get("prompt") else ""
+        s = r.get("search")
+        search = (f"@{s['simulations']} on {s['problems']}: {s['learned']:.1%} / {s['constant']:.1%}, "
+                  f"p = {s['p_value']:.2g}") if s else ""
+        lines.append(f"| {r['seed']} | {r['name']} | {cell(w.get('all'))} | {cell(w.get('1'))} | {cell(w.get('2'))} | "
+                     f"{paired(vs.get('all'))} | {paired(vs.get('1'))} | {prompt} | {search} |")
+    return lines
 
 
 def _earlier_title(path: str) -> str:
@@ -712,6 +788,7 @@ def markdown(study: dict[str, Any]) -> str:
                 cells.append(_with_interval(v, ".2f") if v else "")
             cells += [""] * (its - len(a["iterations"]))
             lines.append(f"| {name} | {VALUE_DIAGNOSTICS[key]} | " + " | ".join(cells) + " |")
+    lines += _value_bench_table(study)
     return "\n".join(lines) + "\n"
 
 
