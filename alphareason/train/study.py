@@ -41,6 +41,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable, Sequence
@@ -563,7 +564,6 @@ def value_bench_rows(results: str, reference: str = REFERENCE) -> list[dict[str,
     problems, the prompt AUC against the policy-only outcome, MCTS with the learned against a constant value,
     and, where both files keep the walk states, the paired bootstrap against ``reference`` of the same seed
     (``eval.value.compare_walk_values``). Empty without a ``value`` folder."""
-    import re
     from alphareason.eval.value import compare_walk_values
     reports = {}
     for path in sorted(glob.glob(os.path.join(results, "value", "seed*_*.json"))):
@@ -598,6 +598,7 @@ def value_bench_rows(results: str, reference: str = REFERENCE) -> list[dict[str,
 
 
 def _value_bench_table(study: dict[str, Any]) -> list[str]:
+    """The rows of ``value_bench_rows`` as a caption and a table (empty without them)."""
     rows = study.get("value_bench") or []
     if not rows:
         return []
