@@ -288,13 +288,13 @@ def test_value_ceiling_fits_exact_labels_on_bench_values_held_out_states(run, tm
     from experiments.value_ceiling import main as value_ceiling
     bench = run_value_bench(str(tmp_path / "bench.json"), workdir=run["workdir"], problems=8, chains=1, mc_samples=1)
     out = tmp_path / "ceiling.json"
-    assert value_ceiling(["--workdir", run["workdir"], "--out", str(out), "--train-problems", "40",
-                          "--heldout-problems", "8", "--steps", "30", "--eval-every", "15", "--lr-full", "3e-3"]) == 0
+    assert value_ceiling(["--workdir", run["workdir"], "--out", str(out), "--train-problems", "20",
+                          "--heldout-problems", "8", "--steps", "8", "--eval-every", "4", "--lr-full", "3e-3"]) == 0
     result = json.loads(out.read_text())
     assert result["heldout_states"] == bench["walks"]["all"]["states"]
     for name in ("head", "full"):
         curve = result["fits"][name]["curve"]
-        assert [row["step"] for row in curve] == [0, 15, 30]
+        assert [row["step"] for row in curve] == [0, 4, 8]
         assert curve[0]["heldout"]["all"] == pytest.approx(bench["walks"]["all"]["auc_vstar"])
     full = result["fits"]["full"]["curve"]
     assert full[-1]["train_auc"] > full[0]["train_auc"] and full[-1]["train_loss"] < full[1]["train_loss"]
