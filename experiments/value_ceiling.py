@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alphareason.eval.value import ValueProbe, auc, walk_rng, walk_states
+from alphareason.eval.value import ValueProbe, auc, depth_groups, walk_rng, walk_states
 
 
 def state_inputs(probe: ValueProbe, problems: Sequence[dict], texts: Sequence[str],
@@ -67,10 +67,8 @@ def labelled_walk_states(task, problems, rng, walks: int):
 
 def aucs(values: np.ndarray, vstar: np.ndarray, depth: np.ndarray) -> dict[str, float | None]:
     """AUC against ``V*``, pooled and per depth."""
-    out = {"all": auc(values, vstar)}
-    for d in np.unique(depth):
-        out[f"depth{int(d)}"] = auc(values[depth == d], vstar[depth == d])
-    return out
+    return {("all" if name == "all" else f"depth{name}"): auc(values[m], vstar[m])
+            for name, m in depth_groups(depth).items()}
 
 
 def fit(model, probe: ValueProbe, train: dict, heldout: dict, *, trainable: str, steps: int, batch: int,

@@ -344,13 +344,18 @@ def value_report(model, task: Task, problems: Sequence[Problem], key, *, chains:
     return report
 
 
+def depth_groups(depth: Sequence[int]) -> dict[str, np.ndarray]:
+    """Masks (bool[n]) of the states to summarise: ``"all"``, and ``"<d>"`` for each depth ``d``."""
+    depth = np.asarray(depth)
+    return {"all": np.ones(len(depth), bool), **{str(int(d)): depth == d for d in np.unique(depth)}}
+
+
 def walk_auc_intervals(walks: dict[str, Any], *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """``bootstrap_auc`` of one report's walk values against ``V*``: pooled (``"all"``) and per depth."""
     st = walks["states"]
-    depth, vstar, value, problem = (np.asarray(st[k]) for k in ("depth", "vstar", "value", "problem"))
-    groups = {"all": np.ones(len(depth), bool), **{str(d): depth == d for d in np.unique(depth)}}
+    vstar, value, problem = (np.asarray(st[k]) for k in ("vstar", "value", "problem"))
     return {name: bootstrap_auc([value[m]], vstar[m], problem[m], resamples=resamples, seed=seed)
-            for name, m in groups.items()}
+            for name, m in depth_groups(st["depth"]).items()}
 
 
 def compare_walk_values(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 2000,
@@ -367,11 +372,10 @@ def compare_walk_values(a: dict[str, Any], b: dict[str, Any], *, resamples: int 
     if any(sa[k] != sb[k] for k in ("problem", "text", "depth")):
         raise ValueError("the two reports rank different walk states: run `bench value` on both with the same "
                          "--problems, split and seed")
-    depth, vstar, problem = (np.asarray(sa[k]) for k in ("depth", "vstar", "problem"))
+    vstar, problem = np.asarray(sa["vstar"]), np.asarray(sa["problem"])
     va, vb = np.asarray(sa["value"]), np.asarray(sb["value"])
-    groups = {"all": np.ones(len(depth), bool), **{str(d): depth == d for d in np.unique(depth)}}
     return {name: bootstrap_auc([va[m], vb[m]], vstar[m], problem[m], resamples=resamples, seed=seed)
-            for name, m in groups.items()}
+            for name, m in depth_groups(sa["depth"]).items()}
 
 
 def constant_value(model):
