@@ -280,6 +280,33 @@ def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, mo
     np.testing.assert_allclose(float(metrics["invalid_mass"]), np.mean(np.exp(log_pi[:, 1])), rtol=1e-5)
 
 
+def test_empty_candidate_slots_are_no_steps_and_stay_out_of_the_policy_softmax(task, model):
+    """Enumerated candidates: the slots of steps that are not legal here are all PAD (cand_valid False). An empty
+    candidate's log-likelihood is 0, above every real step's, so if one of them took part in the softmax it would
+    hold nearly all the mass (invalid_mass ~ 1) and the legal steps' targets would not be ranked against each other.
+    The policy is the softmax over the non-empty candidates only."""
+    _, tokens, length, cands = _states(task, seed=2)
+    cands = cands.copy()
+    cands[:, 2:] = tok.PAD  # two illegal slots, identical (all PAD)
+    valid = np.array([[True, True, False, False]] * B)
+    weights = np.zeros((B, K), np.float32)
+    weights[:, 0], weights[:, 1] = 0.7, 0.3
+    batch = jax.tree.map(jnp.asarray, {
+        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": weights,
+        "search_value": np.zeros((B,), np.float32), "outcome": np.zeros((B,), np.float32)})
+    _, metrics = selfplay_loss(model, batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0)
+    logprob, _ = candidate_logits(model, NO_TOOL, batch["tokens"], batch["length"], batch["candidates"],
+                                  jnp.ones((B, K), bool), length_normalize=False)
+    logprob = np.asarray(logprob)
+    assert np.all(logprob[:, 2:] == 0.0) and np.all(logprob[:, :2] < -1.0)  # why an empty slot would dominate
+    log_pi = logprob[:, :2] - np.logaddexp(logprob[:, 0], logprob[:, 1])[:, None]
+    np.testing.assert_allclose(float(metrics["policy_loss"]), -np.mean(0.7 * log_pi[:, 0] + 0.3 * log_pi[:, 1]),
+                               rtol=1e-5)
+    assert float(metrics["invalid_mass"]) == 0.0
+    entropy = -np.mean(np.sum(np.exp(log_pi) * log_pi, -1))
+    np.testing.assert_allclose(float(metrics["policy_entropy"]), entropy, rtol=1e-4)  # float32, near 0
+
+
 def test_legal_steps_cut_to_their_model_written_tokens_give_the_same_loss(task, model):
     """The loop's learner keeps only ``legal_written_len`` tokens of enumerated legal steps: the rest is the
     calculator's output, which no score reads (attention is causal, tool tokens are not scored)."""

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alphareason import tokenizer as tok
 from alphareason.search.env import NEG_INF, first_duplicates, score_candidates
 from alphareason.train.losses import sft_loss
 
@@ -99,8 +100,13 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
         # The network's distribution over the K sampled candidates includes the
         # invalid ones, with target weight 0 (the search never takes them): the
         # policy learns to avoid invalid steps instead of leaking probability
-        # to them. Only repeated candidates are left out (they would count twice).
-        distinct = ~first_duplicates(batch["candidates"])
+        # to them. Repeated candidates are left out (they would count twice), and
+        # so are empty ones (all PAD: the slots of enumerated steps that are not
+        # legal here). An empty candidate is no step; its log-likelihood is 0, the
+        # largest there is, so one of them in the softmax would take nearly all
+        # of its mass and leave the legal steps' targets nothing to rank.
+        cands = batch["candidates"]
+        distinct = ~first_duplicates(cands) & jnp.any(cands != tok.PAD, axis=-1)
         logits, value_logits = candidate_logits(model, task, batch["tokens"], batch["length"], batch["candidates"],
                                                 distinct, length_normalize=length_normalize)
         weights = batch["action_weights"] * batch["cand_valid"]
