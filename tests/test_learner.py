@@ -255,6 +255,18 @@ def test_sampled_set_correction_makes_the_searchs_own_prior_a_fixed_point(task):
     assert g_uncorrected > 1e-3 and g_corrected < 1e-3 * g_uncorrected, (g_corrected, g_uncorrected)
 
 
+def _policy_term(model, tokens, length, cands, valid, weights):
+    """The policy term's metrics of ``selfplay_loss`` on one batch, and every candidate's log-likelihood
+    (float[B, K], no mask) to check them against."""
+    batch = jax.tree.map(jnp.asarray, {
+        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": weights,
+        "search_value": np.zeros((B,), np.float32), "outcome": np.zeros((B,), np.float32)})
+    _, metrics = selfplay_loss(model, batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0)
+    logprob, _ = candidate_logits(model, NO_TOOL, batch["tokens"], batch["length"], batch["candidates"],
+                                  jnp.ones((B, K), bool), length_normalize=False)
+    return metrics, np.asarray(logprob)
+
+
 def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, model):
     """Invalid steps are pushed down (target 0) instead of being ignored; repeats are left out."""
     _, tokens, length, cands = _states(task, seed=2)
@@ -265,14 +277,9 @@ def test_invalid_candidates_stay_in_the_policy_softmax_with_target_zero(task, mo
     valid[:, 3] = False  # the search masks repeats too
     weights = np.zeros((B, K), np.float32)
     weights[:, 0], weights[:, 2] = 0.6, 0.4
-    batch = jax.tree.map(jnp.asarray, {
-        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": weights,
-        "search_value": np.zeros((B,), np.float32), "outcome": np.zeros((B,), np.float32)})
-    _, metrics = selfplay_loss(model, batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0)
+    metrics, logprob = _policy_term(model, tokens, length, cands, valid, weights)
     distinct = np.array([True, True, True, False])
-    logprob, _ = candidate_logits(model, NO_TOOL, batch["tokens"], batch["length"], batch["candidates"],
-                                  jnp.ones((B, K), bool), length_normalize=False)
-    logprob = np.asarray(logprob)[:, distinct]
+    logprob = logprob[:, distinct]
     log_pi = logprob - np.log(np.sum(np.exp(logprob - logprob.max(-1, keepdims=True)), -1, keepdims=True)) \
         - logprob.max(-1, keepdims=True)
     want = -np.mean(0.6 * log_pi[:, 0] + 0.4 * log_pi[:, 2])
@@ -291,13 +298,7 @@ def test_empty_candidate_slots_are_no_steps_and_stay_out_of_the_policy_softmax(t
     valid = np.array([[True, True, False, False]] * B)
     weights = np.zeros((B, K), np.float32)
     weights[:, 0], weights[:, 1] = 0.7, 0.3
-    batch = jax.tree.map(jnp.asarray, {
-        "tokens": tokens, "length": length, "candidates": cands, "cand_valid": valid, "action_weights": weights,
-        "search_value": np.zeros((B,), np.float32), "outcome": np.zeros((B,), np.float32)})
-    _, metrics = selfplay_loss(model, batch, task=NO_TOOL, policy_weight=1.0, value_weight=0.0)
-    logprob, _ = candidate_logits(model, NO_TOOL, batch["tokens"], batch["length"], batch["candidates"],
-                                  jnp.ones((B, K), bool), length_normalize=False)
-    logprob = np.asarray(logprob)
+    metrics, logprob = _policy_term(model, tokens, length, cands, valid, weights)
     assert np.all(logprob[:, 2:] == 0.0) and np.all(logprob[:, :2] < -1.0)  # why an empty slot would dominate
     log_pi = logprob[:, :2] - np.logaddexp(logprob[:, 0], logprob[:, 1])[:, None]
     np.testing.assert_allclose(float(metrics["policy_loss"]), -np.mean(0.7 * log_pi[:, 0] + 0.3 * log_pi[:, 1]),

@@ -107,8 +107,8 @@ def selfplay_loss(model, batch: dict[str, Any], *, task, policy_weight: float = 
         # of its mass and leave the legal steps' targets nothing to rank.
         cands = batch["candidates"]
         distinct = ~first_duplicates(cands) & jnp.any(cands != tok.PAD, axis=-1)
-        logits, value_logits = candidate_logits(model, task, batch["tokens"], batch["length"], batch["candidates"],
-                                                distinct, length_normalize=length_normalize)
+        logits, value_logits = candidate_logits(model, task, batch["tokens"], batch["length"], cands, distinct,
+                                                length_normalize=length_normalize)
         weights = batch["action_weights"] * batch["cand_valid"]
         has_target = jnp.sum(weights, -1) > 0
         if policy_moves == "solved":
