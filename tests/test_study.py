@@ -335,6 +335,24 @@ def test_a_seed_can_start_from_an_earlier_sft_run_with_the_same_training(tmp_pat
         study.adopt_sft(config, str(tmp_path / "nothing"), str(tmp_path / "other"))
 
 
+def test_a_resumed_run_keeps_its_metrics_when_the_seed_has_no_sft_checkpoint(tmp_path):
+    """The SFT start is copied into a run once, before it begins; with ``train.steps=0`` there is no
+    checkpoint to mark that, and a resumed run's metrics must not be replaced by the SFT folder's."""
+    from alphareason.train import study
+    sft_dir, workdir = tmp_path / "sft", tmp_path / "alphazero"
+    (sft_dir / "data").mkdir(parents=True)
+    (sft_dir / "data" / "problems.txt").write_text("the dataset\n")
+    (sft_dir / "metrics.jsonl").write_text('{"phase": "sft", "step": 0}\n')
+    study.start_from_sft(str(sft_dir), str(workdir))
+    assert (workdir / "data" / "problems.txt").read_text() == "the dataset\n"
+    assert not (workdir / "checkpoints").exists()
+    ran = '{"phase": "sft", "step": 0}\n{"phase": "selfplay", "step": 1}\n'
+    (workdir / "metrics.jsonl").write_text(ran)  # the run wrote an iteration, then was killed
+    (sft_dir / "metrics.jsonl").write_text('{"phase": "sft", "step": 0, "rewritten": true}\n')
+    study.start_from_sft(str(sft_dir), str(workdir))  # the resumed call
+    assert (workdir / "metrics.jsonl").read_text() == ran
+
+
 def test_grpo_is_matched_by_a_token_budget_equal_to_the_references_mean_iteration(tmp_path):
     """GRPO's learner cost depends on its rollouts, so it is matched by a budget, not by learner steps."""
     import configs_for_tests

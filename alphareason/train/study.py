@@ -221,6 +221,23 @@ def _sft_start(config: ConfigDict, runs: str, seed: int, progress: bool, log: Ca
     return sft_dir
 
 
+def start_from_sft(sft_dir: str, workdir: str) -> None:
+    """Gives a new run ``workdir`` the seed's SFT start: its dataset, checkpoint and SFT curve.
+
+    Only a run that has not begun: once ``workdir`` has metrics of its own (its own or copied, the copy
+    comes last), nothing is copied, so a resumed run keeps what it wrote. A start with no SFT checkpoint
+    (``train.steps=0``) therefore does not overwrite a resumed run's metrics either.
+    """
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return
+    os.makedirs(workdir, exist_ok=True)
+    for part in ("data", os.path.join("checkpoints", "sft")):
+        if os.path.exists(os.path.join(sft_dir, part)):
+            shutil.copytree(os.path.join(sft_dir, part), os.path.join(workdir, part), dirs_exist_ok=True)
+    if os.path.exists(os.path.join(sft_dir, "metrics.jsonl")):
+        shutil.copy(os.path.join(sft_dir, "metrics.jsonl"), os.path.join(workdir, "metrics.jsonl"))
+
+
 def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: int, *, runs: str, results: str,
             variants: dict[str, Sequence[str]] | None = None, test_problems: int = 1000, progress: bool = True,
             matched: bool = True, sft_from: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -267,13 +284,7 @@ def run_one(config_path: str, overrides: Sequence[str], algorithm: str, seed: in
     t0 = time.time()
     sft_dir = _sft_start(base, runs, seed, progress, log, sft_from)
     workdir = os.path.join(runs, f"seed{seed}", algorithm)
-    if not os.path.exists(os.path.join(workdir, "checkpoints", "sft")):
-        os.makedirs(workdir, exist_ok=True)
-        for part in ("data", os.path.join("checkpoints", "sft")):
-            if os.path.exists(os.path.join(sft_dir, part)):
-                shutil.copytree(os.path.join(sft_dir, part), os.path.join(workdir, part), dirs_exist_ok=True)
-        if os.path.exists(os.path.join(sft_dir, "metrics.jsonl")):
-            shutil.copy(os.path.join(sft_dir, "metrics.jsonl"), os.path.join(workdir, "metrics.jsonl"))
+    start_from_sft(sft_dir, workdir)
     log(f"== {algorithm} seed {seed} ({workdir})")
     run_training(config, workdir, progress=progress, log=log)
     out = os.path.join(results, run_name(algorithm, seed))
