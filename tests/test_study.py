@@ -578,6 +578,49 @@ def test_legal_step_decoder_takes_the_policys_most_likely_legal_step():
     np.testing.assert_array_equal(np.asarray(out["lane_computed"][:, 0]), steps_taken * (TASK.context_len() + K * W))
 
 
+def test_policy_ceiling_targets_are_the_steps_that_keep_a_problem_solvable_and_the_policy_fits_them(tmp_path):
+    """experiments/policy_ceiling.py: at the last step the correct steps are exactly the legal ones that write
+    the target; every state of its walks has one; the loop's learner on these targets makes the top-ranked
+    legal step a correct one on the training states."""
+    from helpers import micro_config
+    from alphareason import tokenizer as tok
+    from alphareason.model.transformer import Transformer
+    from alphareason.run import make_model_config, make_task
+    from alphareason.search.env import EnvConfig, ReasoningEnv
+    from alphareason.train.sft import train_sft
+    from experiments import policy_ceiling
+    from flax import nnx
+    config = micro_config()
+    config.train.steps = 0
+    config.search.candidates = "enumerate"
+    config.selfplay.learning_rate = 1e-3
+    config.selfplay.learner_steps = 150  # x 2 iterations
+    workdir = str(tmp_path / "zero")
+    train_sft(config, workdir, progress=False, log=lambda *_: None)
+    task = make_task(config)
+    model = Transformer(make_model_config(config, task), rngs=nnx.Rngs(0))
+    env = ReasoningEnv(task, nnx.split(model)[0], EnvConfig(num_candidates=1), seq_len=model.config.max_len)
+    problems = task.generate(5, 12)
+    data, index, depth = policy_ceiling.optimal_walks(env, task, problems, np.random.default_rng(0))
+    assert np.bincount(depth).tolist() == [12, 12]  # 3 numbers: the prompt and one state after a correct step
+    assert np.all(data["action_weights"].sum(-1) >= 1) and np.all(data["action_weights"] <= data["cand_valid"])
+    for n in np.flatnonzero(depth == 1):  # two numbers left: correct means the step writes the target
+        for k in np.flatnonzero(data["cand_valid"][n]):
+            step = tok.decode(data["candidates"][n, k])
+            assert data["action_weights"][n, k] == float(int(step.split("=")[1]) == problems[index[n]]["target"])
+    record, rows = policy_ceiling.policy_ceiling(workdir, problems=12, eval_every=300, log=lambda *_: None)
+    assert record["states_per_depth"] == [12, 12] and record["steps"] == 300 and len(rows) == 8
+    first, last = record["curve"][0], record["curve"][-1]
+    assert first["training_states_top_step_correct"] < 0.6 and last["training_states_top_step_correct"] >= 0.9
+    T, K, W = data["tokens"].shape[1], data["cand_valid"].shape[1], task.legal_written_len()
+    assert last["learner_token_forwards"] == 300 * 3 * config.selfplay.learner_batch_size * (T + K * W)
+    sampled = micro_config()
+    sampled.train.steps = 0
+    train_sft(sampled, str(tmp_path / "sampled"), progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="search.candidates='sample'; the ceiling is of the policy over the task's legal steps"):
+        policy_ceiling.policy_ceiling(str(tmp_path / "sampled"))
+
+
 def test_lambda_returns_mix_search_values_and_the_outcome():
     from alphareason.train.replay import lambda_returns
     v, z = np.array([0.5, 0.2, 0.9]), 1.0
