@@ -89,8 +89,6 @@ def optimal_walks(env, task, problems: Sequence[dict], rng: np.random.Generator,
                 if not task.verify(problems[i], text).solved:
                     following.append((i, text))
         frontier, depth = following, depth + 1
-    width = max(p["tokens"].shape[1] for p in parts)
-    assert all(p["tokens"].shape[1] == width for p in parts)  # env.after pads to the context
     return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(index),
             np.concatenate(depths))
 
@@ -175,10 +173,10 @@ def policy_ceiling(workdir: str, *, problems: int = 0, steps: int = 0, eval_ever
                    "policy_loss": float(np.mean(losses)) if losses else None}
             curve.append(row)
             losses = []
+            loss = "" if row["policy_loss"] is None else f"; policy loss {row['policy_loss']:.3f}"
             log(f"step {i}: greedy over the legal steps solves {row['test_greedy_solve_rate']:.1%} of {len(rows)} "
                 f"test problems; the top step is correct at {row['training_states_top_step_correct']:.1%} of "
-                f"{len(sample)} training states" + (f"; policy loss {row['policy_loss']:.3f}" if row["policy_loss"] is not None else "")
-                + f" ({row['seconds']:.0f} s)")
+                f"{len(sample)} training states{loss} ({row['seconds']:.0f} s)")
         if i == steps:
             break
         rows_of_batch = rng.integers(0, N, sp.learner_batch_size)
@@ -200,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--problems", type=int, default=0, help="training problems (default: the loop's)")
     p.add_argument("--steps", type=int, default=0, help="learner steps (default: the loop's)")
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--test-problems", type=int, default=0, help="default: the loop's eval.test_problems, else the whole split")
+    p.add_argument("--test-problems", type=int, default=0,
+                   help="default: the loop's eval.test_problems, else the whole split")
     p.add_argument("--against", default="", help="the loop's test_greedy_<it>.jsonl: McNemar's test against it")
     args = p.parse_args(argv)
     from alphareason.eval.heldout import write_results

@@ -617,7 +617,7 @@ def test_policy_ceiling_targets_are_the_steps_that_keep_a_problem_solvable_and_t
     sampled = micro_config()
     sampled.train.steps = 0
     train_sft(sampled, str(tmp_path / "sampled"), progress=False, log=lambda *_: None)
-    with pytest.raises(ConfigError, match="search.candidates='sample'; the ceiling is of the policy over the task's legal steps"):
+    with pytest.raises(ConfigError, match="search.candidates='sample'; the ceiling is of the policy over the task"):
         policy_ceiling.policy_ceiling(str(tmp_path / "sampled"))
 
 
