@@ -418,16 +418,22 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     from alphareason.train import study
     solved = {("corrected", 0): [1, 1, 1, 0, 0, 1], ("uncorrected", 0): [1, 0, 0, 0, 1, 1],
               ("corrected", 1): [1, 1, 0, 0, 0, 0], ("uncorrected", 1): [0, 0, 0, 0, 0, 0]}
+    mcts = {("corrected", 0): [1, 1, 0, 0], ("uncorrected", 0): [0, 1, 1, 0],  # the search on 4 validation problems
+            ("corrected", 1): [1, 0, 0, 0], ("uncorrected", 1): [0, 0, 0, 0]}
     for (name, seed), outcomes in solved.items():
         folder = tmp_path / name / f"seed{seed}"
         folder.mkdir(parents=True)
         value = {"value_auc_vstar": 0.6 + 0.1 * seed, "value_prompt_auc_greedy": "nan" if seed else 0.7,
                  "value_auc_vstar_walks_depth1": 0.55 + 0.1 * seed,
                  "policy_legal_mass": 0.8 - 0.2 * seed}
+        searched = mcts[name, seed]
         (folder / "run.json").write_text(json.dumps({"eval": [{"step": 0, "total_token_forwards": 100 * seed,
+                                                               "mcts_solve_rate": sum(searched) / len(searched),
                                                                **(value if name == "corrected" else {})}]}))
         (folder / "test_greedy_0.jsonl").write_text("".join(
             json.dumps({"problem": {"id": i}, "solved": bool(x), "reason": ""}) + "\n" for i, x in enumerate(outcomes)))
+        (folder / "validation_mcts_0.jsonl").write_text("".join(
+            json.dumps({"problem": {"id": i}, "solved": bool(x)}) + "\n" for i, x in enumerate(searched)))
     # the chains' ends (the verifier's reasons) at iteration 1, the same in both seeds
     reasons = {"corrected": ["solved in 3 steps", 'step 2 "7/2=?": not of the form a op b=c', "step 3 leaves 5, "
                              "not the target 9", 'step 1 "5+9=14": 5 is not available'],
@@ -471,8 +477,14 @@ def test_report_aggregates_seeds_and_pairs_every_algorithm_with_the_chosen_refer
     assert (paired["against"], paired["a_only"], paired["b_only"], paired["n"]) == ("corrected", 4, 1, 12)
     assert paired["per_seed_difference"] == pytest.approx([-1 / 6, -2 / 6])  # 3/6 - 4/6 and 0/6 - 2/6
     assert paired["difference"] == pytest.approx(mean_interval([-1 / 6, -2 / 6]))
+    # the search on the validation problems, paired the same way: 2 / 1 solved only by corrected / uncorrected
+    search = out["paired_search"]["uncorrected"]
+    assert (search["against"], search["a_only"], search["b_only"], search["n"]) == ("corrected", 2, 1, 8)
+    assert search["per_seed_difference"] == pytest.approx([0.0, -0.25])  # 2/4 - 2/4 and 0/4 - 1/4
     table = study.markdown(out)
     assert "vs corrected" in table and "66.7%, 33.3%" in table and "-25.0% [" in table
+    assert ("| uncorrected | 25.0% [" in table and "| -12.5% [" in table
+            and "over 2 seeds; pooled p = 1 (2 / 1 solved only by corrected / uncorrected) |" in table)
     assert "| corrected | AUC vs V* at step ends | 0.65 [" in table and "| uncorrected | AUC" not in table
     assert "| corrected | prompt AUC vs free greedy decoding | 0.70 |" in table  # one seed: its value, with no interval
     assert "| corrected | AUC vs V* on legal walks, after step 1 | 0.60 [" in table

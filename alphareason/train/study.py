@@ -518,7 +518,8 @@ def report(results: str, *, title: str | None = None, reference: str = REFERENCE
     Paired tests compare every algorithm with ``reference`` at the last iteration both have: McNemar's
     exact test on the per-problem results pooled over the seeds both ran, and the difference in solve
     rate per seed with its t interval over seeds (the spread between seeds, which the pooled test
-    ignores)."""
+    ignores). They pair the policy-only results on the test split (``paired``), legal-step greedy where it
+    was measured (``paired_legal_greedy``) and the search on the validation problems (``paired_search``)."""
     runs = _load_runs(results)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {results} (each writes <algorithm>/seed<s>/run.json)")
@@ -555,7 +556,8 @@ def report(results: str, *, title: str | None = None, reference: str = REFERENCE
         for algorithm, seeds in runs.items():
             if algorithm == reference:
                 continue
-            for key, field in (("test", "paired"), ("test_legal_greedy", "paired_legal_greedy")):
+            for key, field in (("test", "paired"), ("test_legal_greedy", "paired_legal_greedy"),
+                               ("validation_mcts", "paired_search")):
                 paired = _paired_last(ref, seeds, key)
                 if paired:
                     out.setdefault(field, {})[algorithm] = {"against": reference, **paired}
@@ -732,6 +734,17 @@ def _legal_table(study: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _versus(study: dict[str, Any], field: str, name: str) -> str:
+    """The cell of ``name`` against the reference from ``study[field]`` (``report``'s paired tests): the
+    difference per seed with its interval, and the pooled McNemar test with its discordant counts."""
+    paired = study.get(field, {}).get(name)
+    if not paired:
+        return ""
+    d, ref = paired["difference"], paired.get("against", study.get("reference", REFERENCE))
+    return (f"{_with_interval(d, '+.1%')} over {d['n']} seed{'s' if d['n'] > 1 else ''}; pooled p = "
+            f"{paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by {ref} / {name})")
+
+
 def markdown(study: dict[str, Any]) -> str:
     """The study as a table: test solve rate (greedy) per iteration, mean [95% interval] over seeds
     (an interval only where there are two seeds or more)."""
@@ -754,13 +767,7 @@ def markdown(study: dict[str, Any]) -> str:
     lines += [head, "|" + "---|" * (its + 5)]
     for name, a in study["algorithms"].items():
         cells = [_with_interval(x["test_greedy"], ".1%") for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
-        paired = study["paired"].get(name)
-        versus = ""
-        if paired:
-            d = paired["difference"]
-            versus = (f"{_with_interval(d, '+.1%')} over {d['n']} seed{'s' if d['n'] > 1 else ''}; pooled p = "
-                      f"{paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by "
-                      f"{ref} / {name})")
+        versus = _versus(study, "paired", name)
         compute = a["iterations"][-1]["total_token_forwards"] if a["iterations"] else 0
         per_seed = ", ".join(f"{r:.1%}" for r in a["iterations"][-1]["rates"]) if a["iterations"] else ""
         lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells)
@@ -771,7 +778,9 @@ def markdown(study: dict[str, Any]) -> str:
         lines += _iteration_table("The search (MCTS, the run's `selfplay.eval_simulations`) on the validation "
                                   "problems, mean over seeds [95% t interval]; last against start: McNemar's exact "
                                   "test on the per-problem results pooled over the seeds that kept them (runs from "
-                                  "before they were kept have none).", its, before=(), after=("last against start",))
+                                  "before they were kept have none); against the reference: the same test between "
+                                  "the two algorithms at the last iteration, with the difference per seed [95% t "
+                                  "interval].", its, before=(), after=("last against start", f"vs {ref}"))
         for name, a in searched.items():
             cells = [_with_interval(x["validation_mcts"], ".1%") if x["validation_mcts"]["n"] else ""
                      for x in a["iterations"]] + [""] * (its - len(a["iterations"]))
@@ -779,7 +788,7 @@ def markdown(study: dict[str, Any]) -> str:
             versus = (f"{s['start']:.1%} → {s['last']:.1%}, p = {s['p_value']:.3g} ({s['a_only']} / {s['b_only']} "
                       f"solved only at the start / the last iteration; {len(s['iterations'])} "
                       f"seed{'s' if len(s['iterations']) > 1 else ''})") if s else ""
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus} | {_versus(study, 'paired_search', name)} |")
     lines += _compute_table(study)
     lines += _outcome_table(study)
     lines += _legal_table(study)
