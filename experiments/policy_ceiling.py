@@ -25,6 +25,12 @@ targets; one near it, by the network and its budget.
   python experiments/policy_ceiling.py --workdir runs/study/countdown4_zero/seed1/alphazero \\
       --out benchmarks/results/study/countdown4_zero/policy_ceiling/seed1.json
 
+``--set KEY=VALUE`` (repeatable, as ``--config.`` takes it) changes the
+run's config first, to find what lifts the ceiling: the learner's rate or
+batch (``selfplay.learning_rate``, ``selfplay.learner_batch_size``), or the
+network (``model.*``, a fresh initialisation of that shape). With
+``--problems`` and ``--steps`` these separate data, compute and capacity.
+
 The JSON holds the curve (the test rate, the training loss and the share of
 training states whose most likely legal step is a correct one), the
 settings, and with ``--against FILE`` (the loop's ``test_greedy_<it>.jsonl``)
@@ -106,19 +112,23 @@ def top_step_correct(model, task, config, data: dict[str, np.ndarray]) -> np.nda
 
 
 def policy_ceiling(workdir: str, *, problems: int = 0, steps: int = 0, eval_every: int = 100,
-                   test_problems: int = 0, log=print) -> tuple[dict[str, Any], list[dict]]:
+                   test_problems: int = 0, overrides: Sequence[str] = (),
+                   log=print) -> tuple[dict[str, Any], list[dict]]:
     """Trains the policy of the network ``workdir``'s run started from on exact targets (the module's
-    docstring); returns (the record, the last evaluation's per-problem rows)."""
+    docstring); returns (the record, the last evaluation's per-problem rows). ``overrides``
+    (``key=value``, as ``--config.`` takes them) change the run's config first: the learner's rate or
+    batch (``selfplay.learning_rate``, ``selfplay.learner_batch_size``) or the network (``model.*``, a
+    fresh initialisation of the new shape), to find what lifts the ceiling."""
     from flax import nnx
 
-    from alphareason.config import ConfigError, run_config
+    from alphareason.config import ConfigError, apply_overrides, run_config
     from alphareason.model.transformer import Transformer
     from alphareason.run import make_model_config, make_optimizer, make_task, split_problems
     from alphareason.search.env import EnvConfig, ReasoningEnv
     from alphareason.train.loop import (learner_candidate_width, learner_token_forwards, make_evaluator,
                                         make_learner_step, selfplay_problems)
 
-    config = run_config(workdir)
+    config = apply_overrides(run_config(workdir), overrides)
     if config.search.candidates != "enumerate":
         raise ConfigError(f"{workdir}: search.candidates={config.search.candidates!r}; the ceiling is of the "
                           f"policy over the task's legal steps (a run with search.candidates=enumerate)")
@@ -187,6 +197,8 @@ def policy_ceiling(workdir: str, *, problems: int = 0, steps: int = 0, eval_ever
     record = {"workdir": workdir, "config": config.name, "seed": config.seed, "steps": steps,
               "batch_size": sp.learner_batch_size, "learning_rate": sp.learning_rate, "problems": problems,
               "states": N, "states_per_depth": np.bincount(depth).tolist(), "test_problems": len(test),
+              "overrides": list(overrides),
+              "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
               "curve": curve}
     return record, rows
 
@@ -200,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--test-problems", type=int, default=0,
                    help="default: the loop's eval.test_problems, else the whole split")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a change to the run's config, e.g. selfplay.learning_rate=3e-3 (repeatable)")
     p.add_argument("--against", default="", help="the loop's test_greedy_<it>.jsonl: McNemar's test against it")
     args = p.parse_args(argv)
     from alphareason.eval.heldout import write_results
@@ -209,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.against) as f:
             loop = [json.loads(x) for x in f]
     record, rows = policy_ceiling(args.workdir, problems=args.problems, steps=args.steps,
-                                  eval_every=args.eval_every, test_problems=args.test_problems,
+                                  eval_every=args.eval_every, test_problems=args.test_problems, overrides=args.set,
                                   log=lambda m: print(m, flush=True))
     if loop is not None:
         if [r["problem"] for r in loop[: len(rows)]] != [r["problem"] for r in rows]:

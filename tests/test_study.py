@@ -626,6 +626,15 @@ def test_policy_ceiling_targets_are_the_steps_that_keep_a_problem_solvable_and_t
     assert first["training_states_top_step_correct"] < 0.6 and last["training_states_top_step_correct"] >= 0.9
     T, K, W = data["tokens"].shape[1], data["cand_valid"].shape[1], task.legal_written_len()
     assert last["learner_token_forwards"] == 300 * 3 * config.selfplay.learner_batch_size * (T + K * W)
+    # --set changes the run's config first: here the learner's batch and the network's width
+    record, _ = policy_ceiling.policy_ceiling(workdir, problems=12, steps=2, eval_every=2, log=lambda *_: None,
+                                              overrides=["selfplay.learner_batch_size=5", "model.d_model=16"])
+    assert record["overrides"] == ["selfplay.learner_batch_size=5", "model.d_model=16"]
+    assert record["batch_size"] == 5 and record["curve"][-1]["learner_token_forwards"] == 2 * 3 * 5 * (T + K * W)
+    assert record["parameters"] < policy_ceiling.policy_ceiling(workdir, problems=12, steps=1, log=lambda *_: None
+                                                                )[0]["parameters"]
+    with pytest.raises(ConfigError, match="unknown config key 'selfplay.learner_rate'"):
+        policy_ceiling.policy_ceiling(workdir, overrides=["selfplay.learner_rate=1e-2"])
     sampled = micro_config()
     sampled.train.steps = 0
     train_sft(sampled, str(tmp_path / "sampled"), progress=False, log=lambda *_: None)
