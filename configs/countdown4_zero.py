@@ -11,10 +11,10 @@ the search's own solved chains); SFT-only has nothing to imitate here.
   python experiments/selfplay_study.py run --config configs/countdown4_zero.py \\
       --results benchmarks/results/study/countdown4_zero --algorithms alphazero expert_iteration
 
-Measured (seeds 0 and 1, ``--config.selfplay.iterations=4``; benchmarks/README.md): the policy-only rate goes
-2.0 -> 6.4% and 0.2 -> 6.9% of the 1,000 test problems for AlphaZero, 5.4% and 4.6% for expert iteration at
-the same compute (pooled McNemar p = 0.024); MCTS@32 31.5% / 30.0% against 19.5% / 24.0% of the validation
-problems. ``experiments/policy_ceiling.py`` (the same learner on exact targets) reaches 5.5%.
+Measured (seeds 0-2, 4 iterations; benchmarks/README.md): the policy-only rate ends at 6.4, 6.9 and 5.4% of
+the 1,000 test problems for AlphaZero, 5.4, 4.6 and 2.8% for expert iteration at the same compute (pooled
+McNemar p = 4e-4); MCTS@32 28.7% against 21.5% of the validation problems (means).
+``experiments/policy_ceiling.py`` (the same learner on exact targets) reaches 5.5-6.2%.
 """
 
 from configs.countdown4 import get_config as countdown4
@@ -31,7 +31,7 @@ def get_config():
     c.search.max_num_considered_actions = 16
     c.eval.num_problems = 200
     c.eval.batch_size = 200
-    c.selfplay.iterations = 8
+    c.selfplay.iterations = 4  # the study's figures
     c.selfplay.episodes_per_iteration = 256
     c.selfplay.actor_batch_size = 64
     c.selfplay.replay_capacity = 4096
