@@ -122,7 +122,7 @@ def policy_ceiling(workdir: str, *, problems: int = 0, steps: int = 0, eval_ever
     from flax import nnx
 
     from alphareason.config import ConfigError, apply_overrides, run_config
-    from alphareason.model.transformer import Transformer
+    from alphareason.model.transformer import Transformer, count_params
     from alphareason.run import make_model_config, make_optimizer, make_task, split_problems
     from alphareason.search.env import EnvConfig, ReasoningEnv
     from alphareason.train.loop import (learner_candidate_width, learner_token_forwards, make_evaluator,
@@ -198,7 +198,7 @@ def policy_ceiling(workdir: str, *, problems: int = 0, steps: int = 0, eval_ever
               "batch_size": sp.learner_batch_size, "learning_rate": sp.learning_rate, "problems": problems,
               "states": N, "states_per_depth": np.bincount(depth).tolist(), "test_problems": len(test),
               "overrides": list(overrides),
-              "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+              "parameters": count_params(model),
               "curve": curve}
     return record, rows
 

@@ -740,7 +740,7 @@ def _versus(study: dict[str, Any], field: str, name: str) -> str:
     paired = study.get(field, {}).get(name)
     if not paired:
         return ""
-    d, ref = paired["difference"], paired.get("against", study.get("reference", REFERENCE))
+    d, ref = paired["difference"], paired["against"]
     return (f"{_with_interval(d, '+.1%')} over {d['n']} seed{'s' if d['n'] > 1 else ''}; pooled p = "
             f"{paired['p_value']:.3g} ({paired['a_only']} / {paired['b_only']} solved only by {ref} / {name})")
 
